@@ -1,0 +1,645 @@
+"""Reading and writing volumes, conforming them to the network space and back, batch inputs.
+
+Every array that leaves this module travels with its 4x4 voxel-to-world affine (RAS+ mm,
+nibabel's convention). Nothing about geometry is guessed: the network space is an axis-aligned
+grid built from the input's affine, and results go back to the input grid through the same
+affines.
+
+Formats: NIfTI-1 (``.nii``, ``.nii.gz``) and FreeSurfer MGH (``.mgz``, ``.mgh``), all through
+nibabel. A label lookup table can be embedded in MGH outputs, in FreeSurfer's binary colour
+table format (what freeview and surfa read).
+"""
+
+import gzip
+import os
+import secrets
+import struct
+import warnings
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+from nibabel.freesurfer.mghformat import MGHHeader
+from scipy import ndimage
+
+SUPPORTED = ('.nii', '.nii.gz', '.mgz', '.mgh')
+
+#: Real paths of every file read by :func:`load_volume`; :func:`save_volume` refuses to write
+#: over them.
+_INPUTS = set()
+
+
+class VolumeError(ValueError):
+    """One-line, user-facing problem with a file: ``str(e) == "<path>: <problem>"``."""
+
+    def __init__(self, path, problem):
+        self.path = os.fspath(path) if path is not None else '<array>'
+        self.problem = problem
+        super().__init__('%s: %s' % (self.path, problem))
+
+
+# ---------------------------------------------------------------------------------------------
+# volumes
+
+@dataclass
+class Volume:
+    """An image and its geometry.
+
+    ``data`` is (X, Y, Z) or (X, Y, Z, F) with frames last, in the dtype stored in the file;
+    ``affine`` maps voxel indices to world (RAS+) millimetres; ``header`` is the original
+    nibabel header, kept so outputs can copy descriptive fields from it.
+    """
+    data: np.ndarray
+    affine: np.ndarray
+    path: str | None = None
+    header: object = None
+
+    @property
+    def shape3(self):
+        """Spatial shape (first three dimensions)."""
+        return tuple(self.data.shape[:3])
+
+    @property
+    def nframes(self):
+        """Number of frames (1 for a 3-D volume)."""
+        return self.data.shape[3] if self.data.ndim == 4 else 1
+
+    @property
+    def voxsize(self):
+        """Voxel size in mm along each array axis (norms of the affine's columns)."""
+        return np.linalg.norm(np.asarray(self.affine)[:3, :3], axis=0)
+
+    def frame(self, i):
+        """The 3-D volume of frame ``i`` (same affine, path and header)."""
+        if self.data.ndim == 3:
+            if i not in (0, -1):
+                raise IndexError('frame %d of a 3-D volume' % i)
+            return Volume(self.data, self.affine, self.path, self.header)
+        return Volume(self.data[..., i], self.affine, self.path, self.header)
+
+
+def split_ext(path):
+    """``(root, ext)`` with ``ext`` one of :data:`SUPPORTED` (case-insensitive), else ``''``."""
+    path = os.fspath(path)
+    low = path.lower()
+    for ext in sorted(SUPPORTED, key=len, reverse=True):
+        if low.endswith(ext):
+            return path[:len(path) - len(ext)], path[len(path) - len(ext):]
+    return path, ''
+
+
+def stem(path):
+    """Base name without the image extension: ``/a/sub-1_T1w.nii.gz`` -> ``sub-1_T1w``."""
+    return split_ext(os.path.basename(os.fspath(path)))[0]
+
+
+def load_volume(path, allow_empty=False):
+    """Read a 3-D or 4-D image, checking that it is usable.
+
+    Trailing singleton dimensions beyond the third are dropped, so (X, Y, Z, 1) is 3-D. The data
+    keep their stored dtype, in native byte order (scaled NIfTI data come back as floats, as
+    nibabel applies the scale). The file is remembered so that :func:`save_volume` never writes
+    over it.
+
+    Raises :class:`VolumeError` when the file is missing, has an unsupported extension, is not a
+    readable image, has truncated or corrupt data, is not 3-D or 4-D, contains NaN or Inf, is
+    all zeros (unless ``allow_empty``), or has a singular or non-finite affine.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise VolumeError(path, 'file not found')
+    if os.path.isdir(path):
+        raise VolumeError(path, 'is a directory, expected an image file')
+    if not split_ext(path)[1]:
+        raise VolumeError(path, 'unsupported file type (expected %s)' % ', '.join(SUPPORTED))
+    try:
+        img = nib.load(path, mmap=False)
+    except Exception as e:  # nibabel raises many types for junk files
+        raise VolumeError(path, 'not a readable image (%s)' % _oneline(e)) from None
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as e:  # EOFError, zlib.error, OSError, ValueError for truncated files
+        raise VolumeError(path, 'truncated or corrupt image data (%s)' % _oneline(e)) from None
+    if data.dtype.kind not in 'biufc':
+        raise VolumeError(path, 'unsupported voxel type %s, expected numbers' % data.dtype)
+    if not data.dtype.isnative:  # MGH is big-endian: same type, native byte order
+        data = data.astype(data.dtype.newbyteorder('='))
+
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim < 3:
+        raise VolumeError(path, 'image is %d-D %s, expected a 3-D volume' % (data.ndim, data.shape))
+    if data.ndim > 4:
+        raise VolumeError(path, 'image is %d-D %s, expected 3-D or 4-D' % (data.ndim, data.shape))
+    if data.dtype.kind in 'fc':
+        if np.isnan(data).any():
+            raise VolumeError(path, 'image contains NaN values')
+        if np.isinf(data).any():
+            raise VolumeError(path, 'image contains Inf values')
+    if not allow_empty and not data.any():
+        raise VolumeError(path, 'image is empty (all zeros)')
+
+    affine = np.asarray(img.affine, dtype=np.float64)
+    _check_affine(affine, path)
+    header = img.header
+    if isinstance(header, nib.Nifti1Header) and not (header['qform_code'] or header['sform_code']):
+        warnings.warn('%s: NIfTI header has neither qform nor sform; using nibabel\'s default '
+                      'affine (voxel sizes only, orientation unknown)' % path, stacklevel=2)
+    _INPUTS.add(os.path.realpath(path))
+    return Volume(data, affine, path, header)
+
+
+def _oneline(e):
+    msg = ' '.join(str(e).split()) or type(e).__name__
+    return msg if len(msg) < 160 else msg[:157] + '...'
+
+
+def _check_affine(affine, path):
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise VolumeError(path, 'affine must be 4x4, got shape %s' % (affine.shape,))
+    if not np.isfinite(affine).all():
+        raise VolumeError(path, 'vox2world affine contains NaN or Inf')
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-6:
+        raise VolumeError(path, 'vox2world affine is singular (zero voxel size or degenerate axes)')
+    return affine
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+def check_writable(path, exts=SUPPORTED):
+    """Fail early (before any heavy work) if ``path`` cannot be written as an output.
+
+    Creates missing parent directories, as FreeSurfer tools do. Raises :class:`VolumeError` when
+    the extension is not one of ``exts``, ``path`` is an existing directory or a loaded input,
+    the parent cannot be created, or a file cannot actually be created in it.
+    """
+    path = os.fspath(path)
+    if not any(path.lower().endswith(e) for e in exts):
+        raise VolumeError(path, 'unsupported output file type (expected %s)' % ', '.join(exts))
+    if os.path.isdir(path):
+        raise VolumeError(path, 'is an existing directory, expected a file name')
+    if os.path.realpath(path) in _INPUTS:
+        raise VolumeError(path, 'refusing to overwrite an input file')
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise VolumeError(path, 'cannot create output directory (%s)' % _oneline(e)) from None
+    try:
+        tmp = _reserve_temp(path)
+    except OSError as e:
+        raise VolumeError(path, 'output directory is not writable (%s)' % _oneline(e)) from None
+    os.remove(tmp)
+
+
+def _reserve_temp(path):
+    """Create an empty, exclusive temp file next to ``path`` with the same extension."""
+    parent, base = os.path.split(os.path.abspath(path))
+    ext = split_ext(base)[1] or os.path.splitext(base)[1]
+    for _ in range(100):
+        tmp = os.path.join(parent, '.%s.tmp%s%s' % (base, secrets.token_hex(4), ext))
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError('could not create a temp file in %s' % parent)
+
+
+def save_volume(data, affine, path, like=None, lut=None, dtype=None):
+    """Write ``data`` (3-D or 4-D, frames last) with vox2world ``affine`` to ``path``, atomically.
+
+    The format follows the extension (:data:`SUPPORTED`). Data are stored as ``dtype`` if given,
+    else in their own dtype, except that bools become uint8 and 64-bit integers int32 (float
+    data cast to an integer dtype are rounded). MGH only holds uint8, int16, int32 and float32,
+    so other dtypes are widened or narrowed to the closest of these. Integer narrowing checks the
+    value range.
+
+    NIfTI outputs get qform and sform set to ``affine`` (code 1, scanner); when ``like`` is a
+    :class:`Volume` read from NIfTI, its units and description are copied. MGH outputs copy TR,
+    flip angle, TE and TI from an MGH ``like``.
+
+    ``lut`` (a ``surfa.LabelLookup``, e.g. from :func:`synthkit.labels.surfa_lookup`, or a dict
+    ``{label: (name, (r, g, b))}``) is embedded in MGH outputs as a FreeSurfer colour table;
+    NIfTI has no place for one, so it is ignored there.
+
+    The file is written to a hidden temp file in the target directory and renamed into place,
+    so readers never see a partial file. Raises :class:`VolumeError` for an unsupported
+    extension or when ``path`` is a file read by :func:`load_volume`.
+    """
+    path = os.fspath(path)
+    ext = split_ext(path)[1].lower()
+    if not ext:
+        raise VolumeError(path, 'unsupported output file type (expected %s)' % ', '.join(SUPPORTED))
+    if os.path.realpath(path) in _INPUTS:
+        raise VolumeError(path, 'refusing to overwrite an input file')
+    affine = _check_affine(affine, path)
+    arr = _cast(np.asanyarray(data), dtype, mgh=ext in ('.mgz', '.mgh'), path=path)
+    if arr.ndim not in (3, 4):
+        raise VolumeError(path, 'can only save 3-D or 4-D data, got shape %s' % (arr.shape,))
+
+    header = getattr(like, 'header', None)
+    if ext in ('.nii', '.nii.gz'):
+        img = _nifti_image(arr, affine, header)
+    else:
+        img = nib.MGHImage(arr, affine)
+        if isinstance(header, MGHHeader):
+            for key in ('tr', 'flip_angle', 'te', 'ti'):
+                img.header[key] = header[key]
+
+    tmp = _reserve_temp(path)
+    try:
+        if ext in ('.nii', '.nii.gz'):
+            nib.save(img, tmp)
+        else:
+            raw = img.to_bytes()
+            if lut is not None:
+                raw += _ctab_tag(lut)
+            with open(tmp, 'wb') as f:
+                f.write(gzip.compress(raw, compresslevel=6) if ext == '.mgz' else raw)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _cast(arr, dtype, mgh, path):
+    target = np.dtype(dtype) if dtype is not None else arr.dtype
+    if target == np.bool_:
+        target = np.dtype(np.uint8)
+    elif target in (np.int64, np.uint64):
+        target = np.dtype(np.int32)
+    if mgh:
+        if target.kind == 'f':
+            target = np.dtype(np.float32)
+        elif target == np.int8:
+            target = np.dtype(np.int16)
+        elif target.kind in 'iu' and target not in (np.uint8, np.int16, np.int32):
+            target = np.dtype(np.int32)
+        elif target.kind not in 'iuf':
+            raise VolumeError(path, 'MGH cannot store %s data' % target)
+    if target.kind in 'iu' and arr.size:
+        if arr.dtype.kind == 'f':
+            if not np.isfinite(arr).all():
+                raise VolumeError(path, 'cannot store NaN or Inf as integers')
+            arr = np.rint(arr)
+        info = np.iinfo(target)
+        if arr.dtype.kind in 'iuf' and (arr.min() < info.min or arr.max() > info.max):
+            raise VolumeError(path, 'values [%s, %s] do not fit in %s'
+                              % (arr.min(), arr.max(), target))
+    return np.asarray(arr).astype(target, copy=False)
+
+
+def _nifti_image(arr, affine, like_header):
+    header = nib.Nifti1Header()
+    header.set_xyzt_units('mm', 'sec')
+    if isinstance(like_header, nib.Nifti1Header):
+        header.set_xyzt_units(*like_header.get_xyzt_units())
+        header['descrip'] = like_header['descrip']
+    img = nib.Nifti1Image(arr, affine, header=header)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    if arr.ndim == 4 and isinstance(like_header, nib.Nifti1Header):
+        zooms = like_header.get_zooms()
+        if len(zooms) > 3:
+            img.header.set_zooms(img.header.get_zooms()[:3] + (zooms[3],))
+    img.set_data_dtype(arr.dtype)
+    return img
+
+
+# FreeSurfer tags after the MGH footer (utils/tags.h)
+_TAG_OLD_COLORTABLE = 1
+_LENGTHLESS_TAGS = (1, 2, 10, 11, 12, 20)
+_TAG_OLD_XFORM = 30
+
+
+def _lut_entries(lut):
+    """``[(label, name, (r, g, b), transparency)]`` from a surfa LabelLookup or a dict."""
+    entries = []
+    for label, value in sorted(lut.items()):
+        if hasattr(value, 'name'):  # surfa LabelElement: color is RGBA, alpha in [0, 1]
+            color = np.asarray(value.color, dtype=np.float64)
+            name, rgb = value.name, color[:3]
+            alpha = color[3] if color.size > 3 else 1.0
+        else:
+            name, rgb = value[0], value[1]
+            alpha = 1.0
+        rgb = tuple(int(round(c)) for c in rgb)
+        entries.append((int(label), str(name), rgb, int(round(255 * (1 - alpha)))))
+    return entries
+
+
+def _ctab_tag(lut):
+    """The ``TAG_OLD_COLORTABLE`` tag holding ``lut`` in FreeSurfer's binary (version 2) format."""
+    entries = _lut_entries(lut)
+    out = [struct.pack('>iiiii', _TAG_OLD_COLORTABLE, -2, max(e[0] for e in entries) + 1, 0,
+                       len(entries))]
+    for label, name, rgb, transparency in entries:
+        raw = name.encode('utf-8') + b'\x00'
+        out.append(struct.pack('>ii', label, len(raw)) + raw
+                   + struct.pack('>iiii', *rgb, transparency))
+    return b''.join(out)
+
+
+def load_lut(path):
+    """The colour table embedded in an MGH file as ``{label: (name, (r, g, b))}``, or None."""
+    path = os.fspath(path)
+    img = nib.load(path)
+    if not isinstance(img, nib.MGHImage):
+        return None
+    offset = img.header.get_footer_offset() + img.header._ftrdtype.itemsize
+    opener = gzip.open if path.lower().endswith('.mgz') else open
+    with opener(path, 'rb') as f:
+        f.seek(offset)
+        rest = f.read()
+
+    def ints(pos, n):
+        return struct.unpack_from('>%di' % n, rest, pos), pos + 4 * n
+
+    pos = 0
+    while pos + 4 <= len(rest):
+        (tag,), pos = ints(pos, 1)
+        if tag == _TAG_OLD_COLORTABLE:
+            (version,), pos = ints(pos, 1)
+            if version >= 0:
+                return None  # version-1 tables are not written by any current tool
+            (_, fname_len), pos = ints(pos, 2)
+            pos += fname_len
+            (count,), pos = ints(pos, 1)
+            lut = {}
+            for _ in range(count):
+                (label, name_len), pos = ints(pos, 2)
+                name = rest[pos:pos + name_len].rstrip(b'\x00').decode('utf-8', 'replace')
+                (r, g, b, _), pos = ints(pos + name_len, 4)
+                lut[label] = (name, (r, g, b))
+            return lut
+        if tag == 0 or tag in _LENGTHLESS_TAGS:
+            return None  # end, or a tag whose length we cannot know
+        if tag == _TAG_OLD_XFORM:
+            (length,), pos = ints(pos, 1)
+        else:
+            (length,) = struct.unpack_from('>q', rest, pos)
+            pos += 8
+        pos += length
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# geometry
+
+@dataclass
+class Conformed:
+    """An image resampled to the network space, with what is needed to go back."""
+    data: np.ndarray        # float32 (X, Y, Z) in network space
+    affine: np.ndarray      # network-space vox2world
+    src_shape: tuple        # input grid shape (3-D)
+    src_affine: np.ndarray  # input vox2world
+
+    @property
+    def shape(self):
+        return tuple(self.data.shape[:3])
+
+
+_AXIS_CODES = {'R': (0, 1), 'L': (0, -1), 'A': (1, 1), 'P': (1, -1), 'S': (2, 1), 'I': (2, -1)}
+
+
+def orientation(affine):
+    """Axis codes of ``affine``, e.g. ``'LIA'``: the world direction each voxel axis points to
+    (nibabel's ``aff2axcodes``; oblique axes get their closest direction). ``affine`` is 4x4
+    or its 3x3 linear part."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape == (3, 3):
+        affine = np.block([[affine, np.zeros((3, 1))], [np.zeros((1, 3)), np.ones((1, 1))]])
+    return ''.join(c or '?' for c in nib.aff2axcodes(affine))
+
+
+def orientation_matrix(code):
+    """3x3 signed permutation whose column j is the unit world direction of axis j of ``code``."""
+    code = code.upper()
+    if len(code) != 3 or any(c not in _AXIS_CODES for c in code) or \
+            sorted(_AXIS_CODES[c][0] for c in code) != [0, 1, 2]:
+        raise ValueError('orientation must be 3 letters, one of each of R/L, A/P, S/I; got %r'
+                         % code)
+    mat = np.zeros((3, 3))
+    for j, c in enumerate(code):
+        axis, sign = _AXIS_CODES[c]
+        mat[axis, j] = sign
+    return mat
+
+
+def conform_grid(src_shape, src_affine, voxsize=1.0, orientation='LIA', multiple=16, crop=None,
+                 min_shape=None):
+    """``(shape, affine)`` of the network grid for an input grid ``src_shape`` / ``src_affine``.
+
+    The grid's axes are aligned with the world axes in the order and directions of
+    ``orientation``, with voxels of ``voxsize`` mm. It covers the input's whole field of view
+    (the world bounding box of the input voxels' outer faces), centred on it, then is padded to
+    at least ``min_shape`` and a multiple of ``multiple``. With ``crop`` (int or 3 ints) the shape
+    is instead ``crop`` rounded up to a multiple of ``multiple``, centred on the field of view.
+    Padding and cropping are whole voxels, split as evenly as possible (the extra voxel of an odd
+    split goes after), so an input already on a matching grid keeps its voxel centres exactly.
+    """
+    src_shape = np.asarray(src_shape[:3])
+    src_affine = np.asarray(src_affine, dtype=np.float64)
+    axes = orientation_matrix(orientation) * np.broadcast_to(np.asarray(voxsize, float), (3,))
+    # world bounding box of the input voxels' outer faces, in network voxel units
+    faces = np.array(np.meshgrid(*[(-0.5, n - 0.5) for n in src_shape], indexing='ij'))
+    world = src_affine[:3, :3] @ faces.reshape(3, -1) + src_affine[:3, 3:]
+    u = np.linalg.solve(axes, world)
+    lo, hi = u.min(axis=1), u.max(axis=1)
+    n_fov = np.maximum(np.ceil(hi - lo - 1e-4), 1).astype(int)
+    first = (lo + hi) / 2 - (n_fov - 1) / 2  # network coordinate of the first FOV voxel centre
+
+    def round_up(n):
+        m = max(int(multiple or 1), 1)
+        return -(-np.asarray(n, int) // m) * m
+
+    if crop is not None:
+        shape = round_up(np.broadcast_to(np.asarray(crop, int), (3,)))
+    else:
+        shape = n_fov if min_shape is None else np.maximum(n_fov, min_shape)
+        shape = round_up(shape)
+    start = (n_fov - shape) // 2
+    affine = np.eye(4)
+    affine[:3, :3] = axes
+    affine[:3, 3] = axes @ (first + start)
+    return tuple(int(n) for n in shape), affine
+
+
+def resample(array, src_affine, dst_shape, dst_affine, interp='linear', fill=0):
+    """Resample ``array`` (X, Y, Z) or (X, Y, Z, C) from its grid onto another grid.
+
+    Each destination voxel is mapped to world by ``dst_affine`` and into the source grid by
+    ``inv(src_affine)``; channels are resampled independently. ``'linear'`` interpolates
+    trilinearly into float32; ``'nearest'`` takes the nearest voxel and keeps the dtype. Points
+    outside the source grid get ``fill``.
+    """
+    if interp not in ('linear', 'nearest'):
+        raise ValueError("interp must be 'linear' or 'nearest', got %r" % (interp,))
+    array = np.asanyarray(array)
+    if array.ndim not in (3, 4):
+        raise ValueError('resample needs a 3-D or 4-D array, got shape %s' % (array.shape,))
+    vox = np.linalg.inv(np.asarray(src_affine, np.float64)) @ np.asarray(dst_affine, np.float64)
+    dst_shape = tuple(int(n) for n in dst_shape[:3])
+    if interp == 'linear':
+        order, dtype = 1, np.float32
+        array = array.astype(np.float32, copy=False)
+    else:
+        order, dtype = 0, array.dtype
+        if dtype == np.bool_:
+            array = array.view(np.uint8)
+    channels = [array] if array.ndim == 3 else [array[..., c] for c in range(array.shape[3])]
+    out = np.empty(dst_shape + ((len(channels),) if array.ndim == 4 else ()), dtype=array.dtype)
+    for c, chan in enumerate(channels):
+        dst = out if array.ndim == 3 else out[..., c]
+        # affine_transform is map_coordinates with the coordinates computed on the fly: no
+        # (3, X, Y, Z) coordinate array is ever built
+        ndimage.affine_transform(np.ascontiguousarray(chan), vox[:3, :3], offset=vox[:3, 3],
+                                 output_shape=dst_shape, output=dst, order=order,
+                                 mode='constant', cval=fill, prefilter=False)
+    return out.view(np.bool_) if dtype == np.bool_ else out
+
+
+def rescale_intensities(data, percentiles=(0.5, 99.5), path=None):
+    """Robust min-max to [0, 1]: the percentiles of the nonzero voxels (all voxels if none)
+    map to 0 and 1, values beyond are clipped. Returns float32.
+
+    Raises :class:`VolumeError` (a ``ValueError``) if the image has no contrast.
+    """
+    data = np.asarray(data, dtype=np.float32)
+    values = data[data != 0]
+    if values.size == 0:
+        values = data.ravel()
+    lo, hi = np.percentile(values, percentiles)
+    if not hi > lo:
+        raise VolumeError(path, 'image has no contrast (intensity percentiles %s are both %g)'
+                          % (tuple(percentiles), lo))
+    out = data - np.float32(lo)
+    out *= np.float32(1 / (hi - lo))
+    return np.clip(out, 0, 1, out=out)
+
+
+def conform(vol, voxsize=1.0, orientation='LIA', multiple=16, rescale=True,
+            percentiles=(0.5, 99.5), crop=None, min_shape=None):
+    """Resample a 3-D volume (a :class:`Volume` or ``(data, affine)``) to the network space.
+
+    The grid is :func:`conform_grid`'s; intensities are rescaled with
+    :func:`rescale_intensities` first if ``rescale``, then resampled trilinearly (zero outside
+    the input). Returns a float32 :class:`Conformed`; :func:`to_input_grid` maps arrays on its
+    grid (e.g. a segmentation) back to the input grid.
+    """
+    if isinstance(vol, Volume):
+        data, affine, path = vol.data, vol.affine, vol.path
+    else:
+        (data, affine), path = vol, None
+    data = np.asanyarray(data)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise VolumeError(path, 'conform needs a 3-D volume, got shape %s (pick a frame with '
+                          'Volume.frame)' % (data.shape,))
+    affine = _check_affine(affine, path)
+    shape, net_affine = conform_grid(data.shape, affine, voxsize, orientation, multiple, crop,
+                                     min_shape)
+    data = rescale_intensities(data, percentiles, path) if rescale else data.astype(np.float32)
+    out = resample(data, affine, shape, net_affine, 'linear')
+    return Conformed(out, net_affine, tuple(data.shape), affine)
+
+
+def to_input_grid(array, conformed, interp='nearest'):
+    """Map ``array`` (on ``conformed``'s network grid, optionally with channels last) back to
+    the input grid."""
+    return resample(array, conformed.affine, conformed.src_shape, conformed.src_affine, interp)
+
+
+# ---------------------------------------------------------------------------------------------
+# batch inputs
+
+def _is_dir_like(path):
+    return os.path.isdir(path) or path.endswith(('/', os.sep))
+
+
+def list_images(folder):
+    """Supported images in ``folder`` (not hidden files), sorted by name."""
+    names = sorted(n for n in os.listdir(folder)
+                   if not n.startswith('.') and split_ext(n)[1]
+                   and os.path.isfile(os.path.join(folder, n)))
+    return [os.path.join(folder, n) for n in names]
+
+
+def _read_list(path):
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def batch_pairs(inp, out, out_suffix='_synthseg', ext=None):
+    """``[(input, output)]`` for a file, a folder or a ``.txt`` list, paired as by mri_synthseg.
+
+    - ``inp`` a file: ``out`` is a file path; if ``out`` is an existing folder or ends with
+      ``/``, the output is ``<out>/<stem><out_suffix><ext>``.
+    - ``inp`` a folder: every supported image in it (sorted); ``out`` must be a folder (created
+      if missing); outputs ``<out>/<stem><out_suffix><ext>``.
+    - ``inp`` a ``.txt``: one input per non-empty line; ``out`` must be a ``.txt`` with as many.
+
+    ``ext`` defaults to each input's own extension. ``out=None`` gives ``(input, None)`` pairs,
+    for optional outputs. Raises ``ValueError`` naming the offending path.
+    """
+    inp = os.fspath(inp)
+    out = None if out is None else os.fspath(out)
+    if inp.lower().endswith('.txt'):
+        if not os.path.isfile(inp):
+            raise ValueError('%s: input list not found' % inp)
+        inputs = _read_list(inp)
+        if not inputs:
+            raise ValueError('%s: input list is empty' % inp)
+        if out is None:
+            return [(i, None) for i in inputs]
+        if not out.lower().endswith('.txt'):
+            raise ValueError('%s: output must be a .txt list when the input is a .txt list (%s)'
+                             % (out, inp))
+        if not os.path.isfile(out):
+            raise ValueError('%s: output list not found' % out)
+        outputs = _read_list(out)
+        if len(outputs) != len(inputs):
+            raise ValueError('%s has %d paths but %s has %d; they must match line by line'
+                             % (inp, len(inputs), out, len(outputs)))
+        return list(zip(inputs, outputs))
+
+    if os.path.isdir(inp):
+        inputs = list_images(inp)
+        if not inputs:
+            raise ValueError('%s: no images (%s) in folder' % (inp, ', '.join(SUPPORTED)))
+        if out is None:
+            return [(i, None) for i in inputs]
+        if os.path.isfile(out) or (split_ext(out)[1] and not _is_dir_like(out)):
+            raise ValueError('%s: output must be a folder when the input is a folder (%s)'
+                             % (out, inp))
+        os.makedirs(out, exist_ok=True)
+        return [(i, _named_output(out, i, out_suffix, ext)) for i in inputs]
+
+    if not os.path.exists(inp):
+        raise ValueError('%s: input not found' % inp)
+    if not split_ext(inp)[1]:
+        raise ValueError('%s: unsupported input type (expected %s, a folder or a .txt list)'
+                         % (inp, ', '.join(SUPPORTED)))
+    if out is None:
+        return [(inp, None)]
+    if _is_dir_like(out):
+        os.makedirs(out, exist_ok=True)
+        return [(inp, _named_output(out, inp, out_suffix, ext))]
+    return [(inp, out)]
+
+
+def _named_output(folder, inp, suffix, ext):
+    ext = ext if ext is not None else split_ext(inp)[1]
+    return os.path.join(folder, stem(inp) + suffix + ext)
+
+
+def batch_optional(inp, opt, suffix, ext=None):
+    """Paths of an optional per-image output (e.g. ``--post``), aligned with
+    :func:`batch_pairs` ``(inp, ...)``: a list of ``None`` when ``opt`` is None."""
+    return [o for _, o in batch_pairs(inp, opt, suffix, ext)]

@@ -1,0 +1,168 @@
+"""Label tables: aseg numbers, names, colours, left/right pairs and generation mappings.
+
+Numbers follow FreeSurfer's ``FreeSurferColorLUT.txt``. The training label maps carry
+*generation* labels (brain structures plus extra-cerebral tissue); networks predict the 33
+SynthSeg *output* labels (background, 31 brain structures and CSF). The tables here are written
+out in code; ``tests/test_labels.py`` cross-checks them against the released ``label_tables``
+when ``../shared/data`` is present.
+"""
+
+import numpy as np
+
+# label: (name, (r, g, b)) -- names and colours as in FreeSurferColorLUT.txt
+LUT = {
+    0: ('Unknown', (0, 0, 0)),
+    2: ('Left-Cerebral-White-Matter', (245, 245, 245)),
+    3: ('Left-Cerebral-Cortex', (205, 62, 78)),
+    4: ('Left-Lateral-Ventricle', (120, 18, 134)),
+    5: ('Left-Inf-Lat-Vent', (196, 58, 250)),
+    7: ('Left-Cerebellum-White-Matter', (220, 248, 164)),
+    8: ('Left-Cerebellum-Cortex', (230, 148, 34)),
+    10: ('Left-Thalamus', (0, 118, 14)),
+    11: ('Left-Caudate', (122, 186, 220)),
+    12: ('Left-Putamen', (236, 13, 176)),
+    13: ('Left-Pallidum', (12, 48, 255)),
+    14: ('3rd-Ventricle', (204, 182, 142)),
+    15: ('4th-Ventricle', (42, 204, 164)),
+    16: ('Brain-Stem', (119, 159, 176)),
+    17: ('Left-Hippocampus', (220, 216, 20)),
+    18: ('Left-Amygdala', (103, 255, 255)),
+    24: ('CSF', (60, 60, 60)),
+    25: ('Left-Lesion', (255, 165, 0)),
+    26: ('Left-Accumbens-area', (255, 165, 0)),
+    28: ('Left-VentralDC', (165, 42, 42)),
+    30: ('Left-vessel', (160, 32, 240)),
+    31: ('Left-choroid-plexus', (0, 200, 200)),
+    41: ('Right-Cerebral-White-Matter', (245, 245, 245)),
+    42: ('Right-Cerebral-Cortex', (205, 62, 78)),
+    43: ('Right-Lateral-Ventricle', (120, 18, 134)),
+    44: ('Right-Inf-Lat-Vent', (196, 58, 250)),
+    46: ('Right-Cerebellum-White-Matter', (220, 248, 164)),
+    47: ('Right-Cerebellum-Cortex', (230, 148, 34)),
+    49: ('Right-Thalamus', (0, 118, 14)),
+    50: ('Right-Caudate', (122, 186, 220)),
+    51: ('Right-Putamen', (236, 13, 176)),
+    52: ('Right-Pallidum', (13, 48, 255)),
+    53: ('Right-Hippocampus', (220, 216, 20)),
+    54: ('Right-Amygdala', (103, 255, 255)),
+    57: ('Right-Lesion', (255, 165, 0)),
+    58: ('Right-Accumbens-area', (255, 165, 0)),
+    60: ('Right-VentralDC', (165, 42, 42)),
+    62: ('Right-vessel', (160, 32, 240)),
+    63: ('Right-choroid-plexus', (0, 200, 221)),
+    72: ('5th-Ventricle', (120, 190, 150)),
+    85: ('Optic-Chiasm', (234, 169, 30)),
+    136: ('Left-choroid-plexus-gen', (0, 200, 200)),
+    137: ('Left-Inf-Lat-Vent-gen', (196, 58, 250)),
+    163: ('Right-choroid-plexus-gen', (0, 200, 221)),
+    164: ('Right-Inf-Lat-Vent-gen', (196, 58, 250)),
+    502: ('extracerebral-502', (146, 62, 163)),
+    506: ('extracerebral-506', (255, 228, 196)),
+    507: ('extracerebral-507', (155, 155, 155)),
+    508: ('extracerebral-508', (90, 90, 200)),
+    509: ('extracerebral-509', (200, 90, 90)),
+    511: ('extracerebral-511', (90, 200, 90)),
+    512: ('extracerebral-512', (210, 180, 140)),
+    514: ('extracerebral-514', (160, 82, 45)),
+    515: ('extracerebral-515', (255, 218, 185)),
+    516: ('extracerebral-516', (127, 127, 127)),
+    530: ('extracerebral-530', (200, 200, 60)),
+}
+
+#: The 33 output labels of mri_synthseg (aseg numbering), in the order of the network's channels.
+SEGMENTATION_LABELS = (0, 2, 3, 4, 5, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 26, 28,
+                       41, 42, 43, 44, 46, 47, 49, 50, 51, 52, 53, 54, 58, 60)
+
+#: The generation labels found in the released training label maps.
+GENERATION_LABELS = (0, 14, 15, 16, 24, 72, 85, 502, 506, 507, 508, 509, 511, 512, 514, 515,
+                     516, 530, 2, 3, 4, 5, 7, 8, 10, 11, 12, 13, 17, 18, 25, 26, 28, 30, 136,
+                     137, 41, 42, 43, 44, 46, 47, 49, 50, 51, 52, 53, 54, 57, 58, 60, 62, 163,
+                     164)
+
+#: generation label -> output label, where they differ (every other label maps to itself if it
+#: is an output label, else to background).
+_GENERATION_TO_OUTPUT_SPECIAL = {25: 2, 57: 41, 136: 4, 137: 5, 163: 43, 164: 44}
+
+#: Left/right pairs (left, right) of every lateralized label we know.
+LR_PAIRS = ((2, 41), (3, 42), (4, 43), (5, 44), (7, 46), (8, 47), (10, 49), (11, 50), (12, 51),
+            (13, 52), (17, 53), (18, 54), (25, 57), (26, 58), (28, 60), (30, 62), (31, 63),
+            (136, 163), (137, 164))
+
+#: Labels that make up the brain (for skull stripping and intracranial volume); CSF is added
+#: unless a tool asks for the brain without extracerebral CSF.
+BRAIN_LABELS = tuple(sorted(set(SEGMENTATION_LABELS) - {0, 24}
+                            | {25, 57, 30, 62, 31, 63, 72, 85, 136, 137, 163, 164}))
+
+#: Structure groups for --qc scores (name, member output labels), after SynthSeg's QC groups.
+QC_GROUPS = (
+    ('general white matter', (2, 41, 7, 46, 16, 28, 60)),
+    ('general grey matter', (3, 42, 8, 47)),
+    ('general csf', (4, 5, 43, 44, 14, 15, 24)),
+    ('cerebellum', (7, 8, 46, 47)),
+    ('brainstem', (16,)),
+    ('thalamus', (10, 49)),
+    ('putamen+pallidum', (12, 13, 51, 52)),
+    ('hippocampus+amygdala', (17, 18, 53, 54)),
+)
+
+
+def name(label):
+    """FreeSurfer name of ``label`` (``'label-N'`` when unknown)."""
+    return LUT.get(int(label), ('label-%d' % label, None))[0]
+
+
+def color(label):
+    """RGB colour of ``label``; unknown labels get a fixed pseudo-random colour."""
+    entry = LUT.get(int(label))
+    if entry is not None:
+        return entry[1]
+    rng = np.random.default_rng(int(label))
+    return tuple(int(c) for c in rng.integers(40, 256, size=3))
+
+
+def lr_swap_table(labels):
+    """Index permutation that swaps left and right labels within the sequence ``labels``.
+
+    ``onehot[..., lr_swap_table(labels)]`` swaps the channels of a one-hot/posterior map whose
+    channels follow ``labels``.
+    """
+    labels = [int(x) for x in labels]
+    swap = {}
+    for left, right in LR_PAIRS:
+        swap[left], swap[right] = right, left
+    index = {lab: i for i, lab in enumerate(labels)}
+    return np.array([index.get(swap.get(lab, lab), i) for i, lab in enumerate(labels)])
+
+
+def lr_swap_lookup(max_label=1024):
+    """Array ``a`` with ``a[label]`` the label of the opposite hemisphere (identity otherwise)."""
+    table = np.arange(max_label, dtype=np.int32)
+    for left, right in LR_PAIRS:
+        table[left], table[right] = right, left
+    return table
+
+
+def generation_to_output(label):
+    """Output (segmentation) label of a generation label."""
+    label = int(label)
+    if label in _GENERATION_TO_OUTPUT_SPECIAL:
+        return _GENERATION_TO_OUTPUT_SPECIAL[label]
+    return label if label in SEGMENTATION_LABELS else 0
+
+
+def generation_lookup(out_labels=SEGMENTATION_LABELS, max_label=1024):
+    """Array mapping any generation label to the *channel index* of its output label."""
+    index = {lab: i for i, lab in enumerate(out_labels)}
+    table = np.zeros(max_label, dtype=np.int32)
+    for lab in range(max_label):
+        table[lab] = index.get(generation_to_output(lab), 0)
+    return table
+
+
+def surfa_lookup(labels=None):
+    """A ``surfa.LabelLookup`` for ``labels`` (all known labels by default), to embed in mgz."""
+    import surfa as sf
+    lut = sf.labels.LabelLookup()
+    for lab in (sorted(LUT) if labels is None else labels):
+        lut[int(lab)] = (name(lab), list(color(lab)))
+    return lut
