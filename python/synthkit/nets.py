@@ -1,0 +1,81 @@
+"""Network definitions shared by every tool.
+
+:func:`unet` builds the configurable 3-D U-Net of the SynthSeg/SynthStrip family; a
+:class:`UNetConfig` describes it so a model card can record it and a tool can rebuild it before
+loading weights.
+"""
+
+import dataclasses
+
+import keras
+from keras import layers
+
+
+@dataclasses.dataclass
+class UNetConfig:
+    """3-D U-Net hyper-parameters.
+
+    ``features`` at the top level, multiplied by ``feature_mult`` at each level down;
+    ``levels`` resolution levels (the input shape must be divisible by 2**(levels-1));
+    ``convs_per_level`` 3x3x3 convolutions per level on each side; ``norm`` is 'batch', 'layer',
+    or None; ``final_activation`` 'softmax' (segmentation) or 'linear' (regression).
+    """
+    in_channels: int = 1
+    out_channels: int = 33
+    features: int = 16
+    feature_mult: int = 2
+    levels: int = 4
+    convs_per_level: int = 2
+    activation: str = 'elu'
+    norm: str = 'batch'
+    final_activation: str = 'softmax'
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values):
+        return cls(**values)
+
+    @property
+    def divisor(self):
+        """Input sizes must be multiples of this."""
+        return 2 ** (self.levels - 1)
+
+
+def _norm(kind, name):
+    if kind == 'batch':
+        return layers.BatchNormalization(name=name)
+    if kind == 'layer':
+        return layers.LayerNormalization(name=name)
+    if kind in (None, 'none'):
+        return None
+    raise ValueError('unknown normalization %r' % kind)
+
+
+def _conv_block(x, feats, cfg, name):
+    for i in range(cfg.convs_per_level):
+        x = layers.Conv3D(feats, 3, padding='same', name='%s_conv%d' % (name, i))(x)
+        x = layers.Activation(cfg.activation, name='%s_act%d' % (name, i))(x)
+    norm = _norm(cfg.norm, '%s_norm' % name)
+    return norm(x) if norm is not None else x
+
+
+def unet(cfg=None, shape=(None, None, None), name='unet'):
+    """Build a 3-D U-Net: (B, X, Y, Z, in_channels) -> (B, X, Y, Z, out_channels)."""
+    cfg = cfg or UNetConfig()
+    inp = keras.Input((*shape, cfg.in_channels), name='image')
+    x, skips = inp, []
+    for level in range(cfg.levels):
+        feats = cfg.features * cfg.feature_mult ** level
+        x = _conv_block(x, feats, cfg, 'enc%d' % level)
+        if level < cfg.levels - 1:
+            skips.append(x)
+            x = layers.MaxPooling3D(2, name='pool%d' % level)(x)
+    for level in reversed(range(cfg.levels - 1)):
+        feats = cfg.features * cfg.feature_mult ** level
+        x = layers.UpSampling3D(2, name='up%d' % level)(x)
+        x = layers.Concatenate(name='skip%d' % level)([x, skips[level]])
+        x = _conv_block(x, feats, cfg, 'dec%d' % level)
+    out = layers.Conv3D(cfg.out_channels, 1, activation=cfg.final_activation, name='head')(x)
+    return keras.Model(inp, out, name=name)
