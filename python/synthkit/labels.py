@@ -93,6 +93,26 @@ LR_PAIRS = ((2, 41), (3, 42), (4, 43), (5, 44), (7, 46), (8, 47), (10, 49), (11,
 BRAIN_LABELS = tuple(sorted(set(SEGMENTATION_LABELS) - {0, 24}
                             | {25, 57, 30, 62, 31, 63, 72, 85, 136, 137, 163, 164}))
 
+#: Topological class of each output label: structures of one class touch each other, so
+#: post-processing keeps the largest connected component per class (after SynthSeg). 0: none.
+TOPOLOGY_CLASSES = {14: 1, 15: 2, 16: 3, 2: 4, 3: 4, 4: 4, 5: 4, 7: 5, 8: 5, 10: 6, 11: 7, 12: 8,
+                    13: 9, 17: 10, 18: 11, 26: 12, 28: 13, 41: 14, 42: 14, 43: 14, 44: 14, 46: 15,
+                    47: 15, 49: 16, 50: 17, 51: 18, 52: 19, 53: 20, 54: 21, 58: 22, 60: 23}
+
+#: Structure names used in mri_synthseg's volume CSV (as FreeSurfer's SynthSeg writes them).
+SYNTHSEG_NAMES = {
+    0: 'background', 2: 'left cerebral white matter', 3: 'left cerebral cortex',
+    4: 'left lateral ventricle', 5: 'left inferior lateral ventricle',
+    7: 'left cerebellum white matter', 8: 'left cerebellum cortex', 10: 'left thalamus',
+    11: 'left caudate', 12: 'left putamen', 13: 'left pallidum', 14: '3rd ventricle',
+    15: '4th ventricle', 16: 'brain-stem', 17: 'left hippocampus', 18: 'left amygdala',
+    24: 'csf', 26: 'left accumbens area', 28: 'left ventral DC',
+    41: 'right cerebral white matter', 42: 'right cerebral cortex', 43: 'right lateral ventricle',
+    44: 'right inferior lateral ventricle', 46: 'right cerebellum white matter',
+    47: 'right cerebellum cortex', 49: 'right thalamus', 50: 'right caudate',
+    51: 'right putamen', 52: 'right pallidum', 53: 'right hippocampus', 54: 'right amygdala',
+    58: 'right accumbens area', 60: 'right ventral DC'}
+
 #: Structure groups for --qc scores (name, member output labels), after SynthSeg's QC groups.
 QC_GROUPS = (
     ('general white matter', (2, 41, 7, 46, 16, 28, 60)),

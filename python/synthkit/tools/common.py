@@ -123,3 +123,19 @@ def not_yet_available(prog, what):
     """Exit cleanly for a tool whose model is not shipped yet (never pretend to work)."""
     print('%s: model not yet available: %s' % (prog, what), file=sys.stderr)
     sys.exit(1)
+
+
+#: ``--help`` epilog of the tools whose trained networks are not shipped yet.
+MODEL_NOT_SHIPPED = """\
+Note: the trained model of this tool is not yet shipped in this release of SynthKit. The tool
+checks its arguments and inputs, then exits with status 1 without writing anything."""
+
+
+def require_inputs(*paths):
+    """Raise :class:`ToolError` (``<path>: no such file``) for the first path that is missing.
+
+    ``None`` entries (optional inputs left out) are skipped; a folder counts as present.
+    """
+    for path in paths:
+        if path is not None and not os.path.exists(path):
+            raise ToolError('%s: no such file' % path)

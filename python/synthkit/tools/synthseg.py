@@ -1,0 +1,209 @@
+"""mri_synthseg: contrast- and resolution-agnostic whole-brain segmentation.
+
+Pipeline per scan: load -> conform (1 mm, LIA, robust intensity rescale) -> U-Net posteriors
+(averaged with the left/right mirrored scan unless --fast) -> post-processing (smoothing,
+largest connected components of the brain and of each structure class; skipped with --fast) ->
+argmax -> outputs at 1 mm in network space, or on the input grid with --keepgeom.
+"""
+
+import argparse
+import csv
+import os
+import sys
+
+import numpy as np
+
+from .. import inference, io
+from .. import labels as lab
+from . import common
+
+PROG = 'mri_synthseg'
+
+DESCRIPTION = """\
+Segment brain MRI scans of any contrast and resolution into 33 aseg labels (SynthSeg).
+
+Inputs may be a single image (nii, nii.gz, mgz, mgh), a folder of images, or a .txt file with
+one path per line; --o (and --post, --resample) must then be of the same kind (file, folder,
+.txt with as many lines). Outputs are segmentations in FreeSurfer aseg numbering, at 1 mm
+isotropic in LIA orientation covering the input's field of view (or on the input grid with
+--keepgeom). mgz outputs embed the FreeSurfer colour table.
+"""
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--i', required=True, metavar='IN', help='image, folder or .txt list')
+    p.add_argument('--o', required=True, metavar='OUT', help='segmentation(s): file, folder or .txt')
+    p.add_argument('--parc', action='store_true', help='cortical parcellation (not available yet)')
+    p.add_argument('--robust', action='store_true', help='robust model (not available yet)')
+    p.add_argument('--fast', action='store_true',
+                   help='skip left/right flip averaging and post-processing (about 2x faster)')
+    p.add_argument('--vol', metavar='CSV', help='write soft volumes (mm^3) of every structure')
+    p.add_argument('--qc', metavar='CSV', help='write quality scores per structure group')
+    p.add_argument('--post', metavar='OUT', help='write posteriors (33 frames)')
+    p.add_argument('--resample', metavar='OUT', help='write the input resampled to 1 mm')
+    p.add_argument('--crop', type=int, nargs='+', metavar='N',
+                   help='analyse only a centred crop of N (or NX NY NZ) mm')
+    p.add_argument('--threads', type=int, default=1, help='CPU threads (default 1; <=0: all)')
+    p.add_argument('--cpu', action='store_true', help='run on the CPU even if a GPU is present')
+    p.add_argument('--v1', action='store_true', help='SynthSeg 1.0 model (not available)')
+    p.add_argument('--ct', action='store_true', help='CT scan: clip intensities to [0, 80]')
+    # ours
+    p.add_argument('--keepgeom', action='store_true',
+                   help='write outputs on the input voxel grid instead of 1 mm')
+    p.add_argument('--png', action='store_true',
+                   help='write a QC picture (3 slices, labels overlaid) beside each output')
+    p.add_argument('--seed', type=int, default=0, help='random seed (results are deterministic)')
+    p.add_argument('--model', metavar='WEIGHTS', help='weights file (default: shipped model)')
+    return p
+
+
+class Segmenter:
+    """The loaded network and the settings needed to segment one conformed scan."""
+
+    def __init__(self, weights=None):
+        import keras
+
+        from .. import nets
+        path, card = common.find_model('synthseg', weights)
+        arch = {k: v for k, v in card['architecture'].items() if k != 'type'}
+        self.cfg = nets.UNetConfig.from_dict(arch)
+        self.model = nets.unet(self.cfg)
+        self.model.load_weights(path)
+        self.labels = tuple(card['output_labels'])
+        self.voxsize = float(card['input'].get('voxsize_mm', 1.0))
+        self.card = card
+        keras.utils.set_random_seed(0)
+
+    def posteriors(self, conformed, fast=False):
+        """(posteriors (x, y, z, 33) float32 inside the brain's bounding box, that box)."""
+        flip = None if fast else (0, lab.lr_swap_table(self.labels))   # LIA: axis 0 is L-R
+        post = inference.predict_tiled(self.model, conformed.data, tile=128, overlap=16,
+                                       divisor=self.cfg.divisor, flip=flip, dtype=np.float16,
+                                       empty=self.labels.index(0))
+        box = inference.brain_box(post, self.labels.index(0))
+        post = post[box].astype(np.float32)
+        return (post if fast else inference.postprocess(post, self.labels)), box
+
+    def full(self, post, box, shape):
+        """Paste box posteriors into a full-size array (background 1 outside the box)."""
+        full = np.zeros(tuple(shape) + (post.shape[-1],), np.float32)
+        full[..., self.labels.index(0)] = 1
+        full[box] = post
+        return full
+
+
+def _outputs(args):
+    """Per-input tuples (input, seg, post, resampled), and every output path to check."""
+    pairs = io.batch_pairs(args.i, args.o, '_synthseg')
+    post = io.batch_optional(args.i, args.post, '_posteriors') if args.post else [None] * len(pairs)
+    res = io.batch_optional(args.i, args.resample, '_resampled') if args.resample \
+        else [None] * len(pairs)
+    jobs = [(i, o, p, r) for (i, o), p, r in zip(pairs, post, res)]
+    return jobs
+
+
+def segment_one(seg, args, inp, out, post_path, res_path):
+    """Segment one scan and write its outputs; returns (volumes, qc scores)."""
+    vol = io.load_volume(inp)
+    if vol.nframes > 1:
+        print('%s: warning: %s has %d frames; segmenting the first' % (PROG, inp, vol.nframes),
+              file=sys.stderr)
+        vol = vol.frame(0)
+    data = np.asarray(vol.data, np.float32)
+    if args.ct:
+        data = np.clip(data, 0, 80)
+    crop = None
+    if args.crop:
+        crop = args.crop * 3 if len(args.crop) == 1 else args.crop
+    conformed = io.conform((data, vol.affine), voxsize=seg.voxsize, crop=crop,
+                           multiple=seg.cfg.divisor * 2)
+    post, box = seg.posteriors(conformed, fast=args.fast)
+    hard = np.zeros(conformed.data.shape, np.int32)
+    hard[box] = inference.hard_segmentation(post, seg.labels)
+    lut = lab.surfa_lookup(seg.labels)
+    if args.keepgeom:
+        io.save_volume(io.to_input_grid(hard, conformed, 'nearest'), vol.affine, out, like=vol,
+                       lut=lut, dtype=np.int32)
+    else:
+        io.save_volume(hard, conformed.affine, out, lut=lut, dtype=np.int32)
+    if post_path:
+        full = seg.full(post, box, conformed.data.shape)
+        data_out = io.to_input_grid(full, conformed, 'linear') if args.keepgeom else full
+        affine = vol.affine if args.keepgeom else conformed.affine
+        io.save_volume(data_out.astype(np.float32), affine, post_path)
+    if res_path:
+        raw = io.conform((data, vol.affine), voxsize=seg.voxsize, crop=crop,
+                         multiple=seg.cfg.divisor * 2, rescale=False)
+        io.save_volume(raw.data, raw.affine, res_path, like=vol)
+    if args.png:
+        from .. import qc
+        png = os.path.join(os.path.dirname(os.path.abspath(out)), io.stem(out) + '.png')
+        qc.save_png(qc.montage(conformed.data, hard), png)
+    voxel_volume = seg.voxsize ** 3
+    return inference.volumes(post, seg.labels, voxel_volume), inference.qc_scores(post, seg.labels)
+
+
+def write_volumes_csv(path, rows, out_labels):
+    """One row per subject: subject, total intracranial, then every structure (mm^3)."""
+    structures = [l for l in out_labels if l != 0]
+    header = ['subject', 'total intracranial'] + [lab.SYNTHSEG_NAMES[l] for l in structures]
+    _write_csv(path, header, [[name, '%.3f' % sum(v[l] for l in structures)]
+                              + ['%.3f' % v[l] for l in structures] for name, v in rows])
+
+
+def write_qc_csv(path, rows):
+    names = [g for g, _ in lab.QC_GROUPS]
+    _write_csv(path, ['subject'] + names,
+               [[subject] + ['%.4f' % s[g] for g in names] for subject, s in rows])
+
+
+def _write_csv(path, header, rows):
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
+                       '.%s.tmp%d' % (os.path.basename(path), os.getpid()))
+    with open(tmp, 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def run(args):
+    for flag, what in (('parc', 'cortical parcellation'), ('robust', 'the robust model'),
+                       ('v1', 'the SynthSeg 1.0 model')):
+        if getattr(args, flag):
+            raise common.ModelUnavailable('--%s: model not yet available (%s)' % (flag, what))
+    if args.crop and len(args.crop) not in (1, 3):
+        raise common.ToolError('--crop takes 1 or 3 sizes')
+    if args.cpu:
+        common.hide_gpus()
+    common.set_threads(args.threads)
+    jobs = _outputs(args)
+    for _, out, post, res in jobs:
+        for path in (out, post, res):
+            if path:
+                io.check_writable(path)
+    for path in (args.vol, args.qc):
+        if path:
+            io.check_writable(path, exts=('.csv',))
+    seg = Segmenter(args.model)
+
+    report = common.BatchReport(PROG)
+    vol_rows, qc_rows = [], []
+    for inp, out, post, res in common.progress(jobs, 'segmenting', disable=len(jobs) == 1):
+        result = report.attempt(inp, segment_one, seg, args, inp, out, post, res)
+        if result is not None:
+            vol_rows.append((io.stem(inp), result[0]))
+            qc_rows.append((io.stem(inp), result[1]))
+            print('%s: wrote %s' % (PROG, out), file=sys.stderr)
+    if args.vol and vol_rows:
+        write_volumes_csv(args.vol, vol_rows, seg.labels)
+    if args.qc and qc_rows:
+        write_qc_csv(args.qc, qc_rows)
+    return report.finish()
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    common.run(PROG, run, args)

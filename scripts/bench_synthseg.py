@@ -1,0 +1,203 @@
+#!/usr/bin/env python
+"""Benchmark mri_synthseg on the real scans of ../shared/data/dev_eval.
+
+Measures (all with the shipped model unless --model):
+- Dice against the FreeSurfer asegs of the OASIS T1s (labels present in the reference and in
+  our 33 outputs; choroid plexus folded into the lateral ventricles);
+- the same on a 1x1x5 mm thick-slice version of each OASIS T1 (5 slices averaged, every 5th
+  kept, along the third voxel axis: 5 mm coronal slices), compared at 1 mm;
+- T1<->T2 consistency on ixi002: Dice between the two segmentations, compared in world space
+  (the scans are the same session's, not re-registered);
+- wall time and peak memory of the `mri_synthseg` command on a 256^3 1 mm scan (an OASIS T1
+  padded to 256^3), as a separate process with --threads 2.
+
+Writes a markdown report (--out) and, with --card, merges the scores into the model card.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, '..', 'python'))
+
+from synthkit import inference, io  # noqa: E402
+from synthkit import labels as lab  # noqa: E402
+from synthkit.tools import synthseg  # noqa: E402
+
+OASIS = ('oasis_0455', 'oasis_0456', 'oasis_0457')
+FOLD = {31: 4, 63: 43}   # choroid plexus -> lateral ventricles
+
+
+def dice_table(pred, ref, labels):
+    out = {}
+    for k in labels:
+        a, b = pred == k, ref == k
+        s = a.sum() + b.sum()
+        if b.any():
+            out[k] = 2.0 * np.logical_and(a, b).sum() / s
+    return out
+
+
+def fold(ref):
+    ref = ref.copy()
+    for a, b in FOLD.items():
+        ref[ref == a] = b
+    return ref
+
+
+def segment(seg, data, affine, fast=False):
+    """Hard segmentation in network space and its affine."""
+    conformed = io.conform((np.asarray(data, np.float32), affine), voxsize=seg.voxsize,
+                           multiple=seg.cfg.divisor * 2)
+    post, box = seg.posteriors(conformed, fast=fast)
+    hard = np.zeros(conformed.data.shape, np.int32)
+    hard[box] = inference.hard_segmentation(post, seg.labels)
+    return hard, conformed.affine
+
+
+def on_grid(hard, affine, shape, dst_affine):
+    return io.resample(hard, affine, shape, dst_affine, interp='nearest')
+
+
+def thick_slices(data, affine, factor=5, axis=2):
+    """Average ``factor`` slices along ``axis`` and keep one in ``factor``."""
+    n = data.shape[axis] // factor * factor
+    d = np.take(data, np.arange(n), axis=axis)
+    shape = list(d.shape)
+    shape[axis:axis + 1] = [n // factor, factor]
+    thick = d.reshape(shape).mean(axis=axis + 1)
+    new = affine.copy()
+    new[:3, axis] *= factor
+    # the centre of thick slice j sits at old voxel j*factor + (factor-1)/2
+    new[:3, 3] = affine[:3, 3] + affine[:3, axis] * (factor - 1) / 2
+    return thick.astype(np.float32), new
+
+
+def mean(d):
+    return float(np.mean(list(d.values()))) if d else float('nan')
+
+
+def bench_cli(path_256, threads, model):
+    out = tempfile.mkdtemp()
+    cmd = [sys.executable, os.path.join(HERE, '..', 'bin', 'mri_synthseg'), '--i', path_256,
+           '--o', os.path.join(out, 'seg.mgz'), '--vol', os.path.join(out, 'vol.csv'),
+           '--threads', str(threads)]
+    if model:
+        cmd += ['--model', model]
+    t = time.time()
+    subprocess.run(cmd, check=True, env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3'},
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.time() - t
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return wall, peak_kb / 1024 ** 2
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--data', default=os.path.join(HERE, '..', '..', 'shared', 'data', 'dev_eval'))
+    p.add_argument('--model', help='weights (default: shipped models/synthseg.weights.h5)')
+    p.add_argument('--out', default='docs/bench_synthseg.md')
+    p.add_argument('--card', help='model card JSON to merge the scores into')
+    p.add_argument('--skip-timing', action='store_true')
+    args = p.parse_args()
+
+    seg = synthseg.Segmenter(args.model)
+    labels = [l for l in seg.labels if l != 0]
+    rows, per_label, thick_rows = [], {}, []
+    for name in OASIS:
+        t1 = io.load_volume(os.path.join(args.data, name, 't1.nii.gz'))
+        ref = fold(np.asarray(io.load_volume(os.path.join(args.data, name, 'aseg.nii.gz')).data))
+        t = time.time()
+        hard, aff = segment(seg, t1.data, t1.affine)
+        secs = time.time() - t
+        d = dice_table(on_grid(hard, aff, ref.shape, t1.affine), ref, labels)
+        rows.append((name, mean(d), secs))
+        for k, v in d.items():
+            per_label.setdefault(k, []).append(v)
+        thick, thick_aff = thick_slices(np.asarray(t1.data, np.float32), t1.affine)
+        hard, aff = segment(seg, thick, thick_aff)
+        d = dice_table(on_grid(hard, aff, ref.shape, t1.affine), ref, labels)
+        thick_rows.append((name, mean(d)))
+        print('%s: dice %.3f (thick %.3f) %.1fs' % (name, rows[-1][1], thick_rows[-1][1], secs),
+              flush=True)
+
+    ixi = os.path.join(args.data, 'ixi002')
+    t1 = io.load_volume(os.path.join(ixi, 't1.nii.gz'))
+    t2 = io.load_volume(os.path.join(ixi, 't2.nii.gz'))
+    h1, a1 = segment(seg, t1.data, t1.affine)
+    h2, a2 = segment(seg, t2.data, t2.affine)
+    h2 = on_grid(h2, a2, h1.shape, a1)
+    both = [k for k in labels if (h1 == k).any() or (h2 == k).any()]
+    t1t2 = dice_table(h2, h1, both)
+    print('ixi002 T1<->T2 dice %.3f' % mean(t1t2), flush=True)
+
+    timing = None
+    if not args.skip_timing:
+        t1 = io.load_volume(os.path.join(args.data, OASIS[0], 't1.nii.gz'))
+        big = np.zeros((256, 256, 256), np.float32)
+        off = [(256 - n) // 2 for n in t1.shape3]
+        big[off[0]:off[0] + t1.shape3[0], off[1]:off[1] + t1.shape3[1],
+            off[2]:off[2] + t1.shape3[2]] = t1.data
+        aff = t1.affine.copy()
+        aff[:3, 3] -= aff[:3, :3] @ np.array(off, float)
+        tmp = tempfile.mkdtemp()
+        path = os.path.join(tmp, 'head256.nii.gz')
+        io.save_volume(big, aff, path)
+        timing = bench_cli(path, 2, args.model)
+        print('256^3: %.1f s, peak %.2f GB' % timing, flush=True)
+
+    scores = {
+        'oasis_mean_dice': round(float(np.mean([r[1] for r in rows])), 4),
+        'oasis_thick_1x1x5_mean_dice': round(float(np.mean([r[1] for r in thick_rows])), 4),
+        'ixi002_t1_t2_dice': round(mean(t1t2), 4),
+        'per_label_oasis_dice': {lab.SYNTHSEG_NAMES[k]: round(float(np.mean(v)), 4)
+                                 for k, v in sorted(per_label.items())},
+    }
+    if timing:
+        scores['seconds_256cubed_2threads'] = round(timing[0], 1)
+        scores['peak_gb_256cubed'] = round(timing[1], 2)
+
+    lines = ['# mri_synthseg benchmark', '',
+             'Model: `%s` (%s steps). Data: ../shared/data/dev_eval. Machine: %d cores.' % (
+                 args.model or 'models/synthseg.weights.h5',
+                 seg.card.get('training', {}).get('steps', '?'), os.cpu_count()), '',
+             '| measure | value | target |', '| --- | --- | --- |',
+             '| mean Dice, OASIS T1 x3 | %.3f | >= 0.80 |' % scores['oasis_mean_dice'],
+             '| mean Dice, OASIS 1x1x5 mm thick slices | %.3f | >= 0.70 |'
+             % scores['oasis_thick_1x1x5_mean_dice'],
+             '| Dice T1 vs T2 segmentations, ixi002 | %.3f | >= 0.75 |'
+             % scores['ixi002_t1_t2_dice']]
+    if timing:
+        lines += ['| wall time, 256^3 scan, `--threads 2` | %.1f s | <= 60 s |' % timing[0],
+                  '| peak memory, 256^3 scan | %.2f GB | <= 4 GB |' % timing[1]]
+    lines += ['', '| subject | Dice | Dice (thick slices) | seconds (in-process) |',
+              '| --- | --- | --- | --- |']
+    lines += ['| %s | %.3f | %.3f | %.1f |' % (n, d, t[1], s)
+              for (n, d, s), t in zip(rows, thick_rows)]
+    lines += ['', '| structure | mean Dice (OASIS) |', '| --- | --- |']
+    lines += ['| %s | %.3f |' % (n, v) for n, v in scores['per_label_oasis_dice'].items()]
+    text = '\n'.join(lines) + '\n'
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, 'w') as f:
+        f.write(text)
+    print(text)
+    if args.card:
+        with open(args.card) as f:
+            card = json.load(f)
+        card['scores'] = scores
+        with open(args.card + '.tmp', 'w') as f:
+            json.dump(card, f, indent=2)
+        os.replace(args.card + '.tmp', args.card)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,200 @@
+"""mri_synthseg: inference helpers and the command line, with a tiny untrained model so the
+tests need no shipped weights and no data."""
+
+import csv
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from synthkit import inference, io, nets
+from synthkit import labels as lab
+from synthkit.tools import synthseg
+
+LABELS = lab.SEGMENTATION_LABELS
+
+
+@pytest.fixture(scope='module')
+def tiny_model_dir(tmp_path_factory):
+    """A 2-level, 4-feature U-Net with a model card, as the tools expect to find it."""
+    folder = tmp_path_factory.mktemp('models')
+    cfg = nets.UNetConfig(features=4, levels=2, convs_per_level=1)
+    model = nets.unet(cfg)
+    model.save_weights(str(folder / 'synthseg.weights.h5'))
+    card = {'architecture': {'type': 'unet', **cfg.to_dict()}, 'output_labels': list(LABELS),
+            'input': {'voxsize_mm': 1.0}, 'training': {'steps': 0}}
+    (folder / 'synthseg.json').write_text(json.dumps(card))
+    return folder
+
+
+@pytest.fixture
+def models_env(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv('SYNTHKIT_MODELS', str(tiny_model_dir))
+    return tiny_model_dir
+
+
+def _phantom(path, shape=(30, 34, 28), voxsize=(1.0, 1.0, 1.2)):
+    """A bright ellipsoid 'brain' in a dark background, RAS affine."""
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing='ij'))
+    data = np.where((grid ** 2).sum(0) < 0.6, 100.0, 10.0).astype(np.float32)
+    data += np.random.default_rng(0).normal(0, 2, shape).astype(np.float32)
+    affine = np.diag(list(voxsize) + [1.0])
+    affine[:3, 3] = [-10, 5, 3]
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return data, affine
+
+
+class ConstModel:
+    """Stand-in network: channel k's probability is a fixed function of position."""
+    output_shape = (None, None, None, None, 3)
+
+    def predict_on_batch(self, x):
+        x = np.asarray(x)[0, ..., 0]
+        p = np.stack([1 - x, x * 0.5, x * 0.5], -1)
+        return p[None]
+
+
+def test_predict_tiled_matches_whole_volume_for_pointwise_model():
+    x = np.random.default_rng(1).random((48, 40, 32)).astype(np.float32)
+    whole = ConstModel().predict_on_batch(x[None, ..., None])[0]
+    tiled = inference.predict_tiled(ConstModel(), x, tile=16, overlap=8, divisor=8)
+    assert np.allclose(tiled, whole, atol=1e-5)
+
+
+def test_predict_tiled_skips_empty_tiles_as_background():
+    x = np.zeros((32, 32, 32), np.float32)
+    x[:16, :16, :16] = 0.7
+    out = inference.predict_tiled(ConstModel(), x, tile=16, overlap=0, divisor=8, empty=0)
+    assert np.allclose(out[20:, 20:, 20:, 0], 1)           # empty tile: background certain
+    assert np.allclose(out[:16, :16, :16, 1], 0.35)         # the model ran where there is data
+
+
+def test_flip_averaging_swaps_left_right_channels():
+    labels = (0, 2, 41)
+
+    class Lateral:
+        """Predicts 'left' (label 2) on the low half of axis 0, right elsewhere."""
+        output_shape = (None, None, None, None, 3)
+
+        def predict_on_batch(self, x):
+            n = x.shape[1]
+            p = np.zeros(x.shape[1:4] + (3,), np.float32)
+            p[: n // 2, ..., 1] = 1
+            p[n // 2:, ..., 2] = 1
+            return p[None]
+
+    x = np.ones((16, 8, 8), np.float32)
+    out = inference.predict_tiled(Lateral(), x, tile=16, overlap=0, divisor=8,
+                                  flip=(0, lab.lr_swap_table(labels)))
+    # mirrored input, mirrored back, channels swapped: the same anatomy -> the same answer
+    assert np.allclose(out[:8, ..., 1], 1) and np.allclose(out[8:, ..., 2], 1)
+
+
+def test_postprocess_removes_islands_and_renormalizes():
+    shape = (24, 24, 24)
+    post = np.zeros(shape + (len(LABELS),), np.float32)
+    bg, hip = LABELS.index(0), LABELS.index(17)
+    post[..., bg] = 1
+    post[4:12, 4:12, 4:12, bg], post[4:12, 4:12, 4:12, hip] = 0, 1       # the structure
+    post[18:20, 18:20, 18:20, bg], post[18:20, 18:20, 18:20, hip] = 0, 1  # a stray island
+    out = inference.postprocess(post, LABELS, smooth_sigma=0)
+    seg = inference.hard_segmentation(out, LABELS)
+    assert (seg[4:12, 4:12, 4:12] == 17).all()
+    assert (seg[18:20, 18:20, 18:20] == 0).all()
+    assert np.allclose(out.sum(-1), 1)
+
+
+def test_volumes_and_qc():
+    post = np.zeros((10, 10, 10, len(LABELS)), np.float32)
+    post[..., LABELS.index(0)] = 0.5
+    post[..., LABELS.index(2)] = 0.5
+    vols = inference.volumes(post, LABELS, voxel_volume=2.0)
+    assert vols[2] == pytest.approx(1000.0) and vols[0] == pytest.approx(1000.0)
+    scores = inference.qc_scores(post, LABELS)
+    assert set(scores) == {g for g, _ in lab.QC_GROUPS}
+    assert all(0 <= s <= 1 for s in scores.values())
+
+
+def test_cli_single_file_outputs(tmp_path, models_env, capsys):
+    data, affine = _phantom(tmp_path / 'scan.nii.gz')
+    out = tmp_path / 'out' / 'scan_seg.mgz'
+    with pytest.raises(SystemExit) as e:
+        synthseg.main(['--i', str(tmp_path / 'scan.nii.gz'), '--o', str(out),
+                       '--vol', str(tmp_path / 'vol.csv'), '--qc', str(tmp_path / 'qc.csv'),
+                       '--post', str(tmp_path / 'post.nii.gz'),
+                       '--resample', str(tmp_path / 'res.nii.gz'), '--png'])
+    assert e.value.code == 0, capsys.readouterr().err
+    seg = io.load_volume(str(out), allow_empty=True)
+    assert io.orientation(seg.affine) == 'LIA'
+    assert np.allclose(seg.voxsize, 1.0)
+    assert set(np.unique(seg.data)) <= set(LABELS)
+    assert io.load_lut(str(out))[17][0] == 'Left-Hippocampus'
+    post = io.load_volume(str(tmp_path / 'post.nii.gz'))
+    assert post.nframes == len(LABELS) and np.allclose(post.data.sum(-1), 1, atol=1e-2)
+    res = io.load_volume(str(tmp_path / 'res.nii.gz'))
+    assert res.data.max() == pytest.approx(data.max(), rel=0.05)   # original intensities
+    rows = list(csv.reader(open(tmp_path / 'vol.csv')))
+    assert rows[0][:3] == ['subject', 'total intracranial', 'left cerebral white matter']
+    assert rows[1][0] == 'scan' and len(rows[1]) == len(LABELS) + 1
+    total = float(rows[1][1])
+    assert total == pytest.approx(sum(float(v) for v in rows[1][2:]), rel=1e-4)
+    assert os.path.exists(tmp_path / 'out' / 'scan_seg.png')
+    assert list(csv.reader(open(tmp_path / 'qc.csv')))[0][1] == 'general white matter'
+
+
+def test_cli_keepgeom_writes_on_input_grid(tmp_path, models_env):
+    data, affine = _phantom(tmp_path / 'scan.nii.gz')
+    with pytest.raises(SystemExit) as e:
+        synthseg.main(['--i', str(tmp_path / 'scan.nii.gz'), '--o', str(tmp_path / 's.nii.gz'),
+                       '--keepgeom', '--fast'])
+    assert e.value.code == 0
+    seg = nib.load(str(tmp_path / 's.nii.gz'))
+    assert seg.shape == data.shape and np.allclose(seg.affine, affine)
+
+
+def test_cli_batch_goes_on_past_bad_file(tmp_path, models_env, capsys):
+    folder = tmp_path / 'in'
+    folder.mkdir()
+    _phantom(folder / 'a.nii.gz')
+    (folder / 'b.nii.gz').write_bytes(b'not an image')
+    _phantom(folder / 'c.nii.gz')
+    with pytest.raises(SystemExit) as e:
+        synthseg.main(['--i', str(folder), '--o', str(tmp_path / 'out'), '--fast',
+                       '--vol', str(tmp_path / 'v.csv')])
+    err = capsys.readouterr().err
+    assert e.value.code == 1
+    assert 'b.nii.gz' in err and '1 of 3' in err
+    assert sorted(os.listdir(tmp_path / 'out')) == ['a_synthseg.nii.gz', 'c_synthseg.nii.gz']
+    assert [r[0] for r in csv.reader(open(tmp_path / 'v.csv'))][1:] == ['a', 'c']
+
+
+@pytest.mark.parametrize('flag', ['--parc', '--robust', '--v1'])
+def test_cli_refuses_models_not_shipped(tmp_path, models_env, capsys, flag):
+    _phantom(tmp_path / 'scan.nii.gz')
+    with pytest.raises(SystemExit) as e:
+        synthseg.main(['--i', str(tmp_path / 'scan.nii.gz'), '--o', str(tmp_path / 's.mgz'),
+                       flag])
+    assert e.value.code == 1
+    assert 'not yet available' in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / 's.mgz')
+
+
+def test_cli_unwritable_output_fails_before_work(tmp_path, models_env, capsys):
+    _phantom(tmp_path / 'scan.nii.gz')
+    (tmp_path / 'afile').write_text('x')
+    with pytest.raises(SystemExit) as e:
+        synthseg.main(['--i', str(tmp_path / 'scan.nii.gz'),
+                       '--o', str(tmp_path / 'afile' / 'seg.mgz')])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert 'seg.mgz' in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_missing_model_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv('SYNTHKIT_MODELS', str(tmp_path / 'nothing'))
+    _phantom(tmp_path / 'scan.nii.gz')
+    with pytest.raises(SystemExit) as e:
+        synthseg.main(['--i', str(tmp_path / 'scan.nii.gz'), '--o', str(tmp_path / 's.mgz')])
+    assert e.value.code == 1 and 'not yet available' in capsys.readouterr().err
