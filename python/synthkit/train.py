@@ -81,7 +81,7 @@ class TrainConfig:
     out_labels: tuple = lab.SEGMENTATION_LABELS
     steps: int = 5000
     batch_size: int = 1
-    learning_rate: float = 1e-4
+    learning_rate: float = 1e-3
     ce_weight: float = 1.0
     checkpoint_minutes: float = 5.0
     val_every: int = 250
