@@ -130,6 +130,11 @@ class SynthGenerator(keras.layers.Layer):
         brain[list(lab.BRAIN_LABELS) + [24]] = 1
         self.brain = brain
 
+    def build(self, input_shape):
+        # nothing to create: the sub-layers hold only seed states and build on first call (an
+        # explicit build also spares Keras a symbolic trace of the whole generator)
+        self.built = True
+
     def deformation(self, reference):
         """(matrices (B, 4, 4) in output voxels -> 1 mm source voxels, flips, displacement);
         ``reference`` is any tensor whose first dimension is the batch size."""
@@ -251,3 +256,70 @@ def describe():
 
 def svf_shape(shape, scale):
     return tuple(max(2, math.ceil(scale * n)) for n in shape)
+
+
+# ------------------------------------------------------------------------------ variants
+# Training targets needed by the other tools, built on the same generator.
+
+def registration_pair(sampler, label_maps):
+    """Two synthetic images of the same label maps with independent deformations and contrasts
+    (SynthMorph training): ``(moving, fixed)``, each a dict with 'image', 'labels' and 'coords'
+    (source voxel each output voxel was sampled from, which links the two through the source)."""
+    return sampler(label_maps), sampler(label_maps)
+
+
+def signed_distance(labels, inside_labels, voxsize_mm=1.0, clip_mm=None):
+    """Signed Euclidean distance (mm) to the boundary of the region of ``inside_labels``:
+    negative inside, positive outside (SynthStrip's target). ``labels`` is an integer array
+    (X, Y, Z); ``clip_mm`` bounds the result to the band the loss cares about."""
+    from scipy import ndimage
+    inside = np.isin(labels, np.asarray(inside_labels))
+    sampling = np.broadcast_to(np.asarray(voxsize_mm, float), (3,))
+    if not inside.any():
+        out = np.full(labels.shape, np.inf if clip_mm is None else clip_mm, np.float32)
+        return out
+    dist_out = ndimage.distance_transform_edt(~inside, sampling=sampling)
+    dist_in = ndimage.distance_transform_edt(inside, sampling=sampling)
+    sdt = np.where(inside, -(dist_in - 0.5 * sampling.min()),
+                   dist_out - 0.5 * sampling.min()).astype(np.float32)
+    return np.clip(sdt, -clip_mm, clip_mm) if clip_mm is not None else sdt
+
+
+def brain_labels(with_csf=True):
+    """Generation labels counted as brain for skull stripping (``--no-csf`` drops CSF)."""
+    return tuple(lab.BRAIN_LABELS) + ((24,) if with_csf else ())
+
+
+class RandomShapes(keras.layers.Layer):
+    """Random 'shapes' label maps from smooth noise (anatomy-agnostic SynthMorph training).
+
+    ``n_labels`` smooth Gaussian noise fields are drawn on a coarse grid (``scale`` x shape),
+    upsampled, optionally warped, and the label of each voxel is the field that is largest there.
+
+    call(reference) -> (B, *shape, 1) int32 labels in [0, n_labels); ``reference`` gives B.
+    """
+
+    def __init__(self, shape, n_labels=16, scale=0.0625, warp_std=0.0, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.shape = tuple(int(n) for n in shape)
+        self.n_labels, self.scale, self.warp_std, self.seed = n_labels, scale, warp_std, seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.coarse = svf_shape(self.shape, scale)
+
+    def build(self, input_shape):
+        self.built = True
+
+    def call(self, reference):
+        b = reference.shape[0]
+        noise = keras.random.normal((b, *self.coarse, self.n_labels), seed=self.seed_generator)
+        fields = layers.resize_field(noise, self.shape)
+        if self.warp_std > 0:
+            vel = self.warp_std * keras.random.normal((b, *svf_shape(self.shape, 0.1), 3),
+                                                      seed=self.seed_generator)
+            disp = layers.ResizeField(self.shape)(vel)
+            fields = layers.SpatialTransformer('linear')([fields, disp])
+        return ops.cast(ops.argmax(fields, axis=-1), 'int32')[..., None]
+
+    def get_config(self):
+        return {**super().get_config(), 'shape': self.shape, 'n_labels': self.n_labels,
+                'scale': self.scale, 'warp_std': self.warp_std, 'seed': self.seed}

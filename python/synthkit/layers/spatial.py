@@ -111,6 +111,8 @@ class IntegrateVelocity(keras.layers.Layer):
     """Integrate a stationary velocity field by scaling and squaring (``steps`` squarings).
 
     call(velocity (B, X, Y, Z, 3)) -> displacement (B, X, Y, Z, 3) of the diffeomorphism exp(v).
+    Beyond the grid the field continues with its edge values, so a constant velocity integrates
+    to exactly that translation everywhere.
     """
 
     def __init__(self, steps=7, **kwargs):
@@ -119,9 +121,14 @@ class IntegrateVelocity(keras.layers.Layer):
 
     def call(self, vel):
         disp = vel / (2 ** self.steps)
-        grid = utils.volume_grid(vel.shape[1:4])[None]
+        shape = vel.shape[1:4]
+        grid = utils.volume_grid(shape)[None]
+        upper = ops.convert_to_tensor(np.array([n - 1 for n in shape], np.float32))
         for _ in range(self.steps):
-            disp = disp + utils.sample(disp, grid + disp, interp='linear', fill=0)
+            # the field is extended beyond the grid by its edge values (as neurite's VecInt):
+            # zero padding would shrink displacements pointing out of the volume at each squaring
+            coords = ops.minimum(ops.maximum(grid + disp, 0.0), upper)
+            disp = disp + utils.sample(disp, coords, interp='linear', fill=0)
         return disp
 
     def get_config(self):
