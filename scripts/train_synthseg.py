@@ -25,6 +25,8 @@ def main():
     p.add_argument('--export', help='write PREFIX.weights.h5 and PREFIX.json when done')
     p.add_argument('--steps', type=int, default=None, help='total steps (default: config)')
     p.add_argument('--export-only', action='store_true', help='only export the last checkpoint')
+    p.add_argument('--init', help='start a new run from shipped weights PREFIX (e.g. '
+                                  'models/synthseg), continuing their step count')
     args = p.parse_args()
 
     maps = sorted(glob.glob(os.path.join(args.labels, '*.nii.gz')))
@@ -34,7 +36,7 @@ def main():
     if args.steps:
         cfg.steps = args.steps
     if not args.export_only:
-        train.Trainer(cfg, args.run, progress=sys.stderr.isatty()).run()
+        train.Trainer(cfg, args.run, progress=sys.stderr.isatty(), init=args.init).run()
     if args.export:
         card = train.export(args.run, args.export)
         print('exported %s.weights.h5 (%d steps)' % (args.export, card['training']['steps']))

@@ -198,3 +198,10 @@ def test_cli_missing_model_is_a_clear_error(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         synthseg.main(['--i', str(tmp_path / 'scan.nii.gz'), '--o', str(tmp_path / 's.mgz')])
     assert e.value.code == 1 and 'not yet available' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('n', [96, 160, 192, 224, 256, 272])
+def test_axis_tiles_cover_with_overlap(n):
+    size, starts = inference._axis_tiles(n, 144, 16, 8)
+    assert size % 8 == 0 and size <= max(n, 144) and starts[0] == 0 and starts[-1] + size == n
+    assert all(b - a <= size - 16 for a, b in zip(starts, starts[1:]))   # overlap >= 16

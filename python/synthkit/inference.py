@@ -7,14 +7,19 @@ from scipy import ndimage
 from . import labels as lab
 
 
-def _starts(n, tile, step):
+def _axis_tiles(n, tile, overlap, divisor):
+    """(tile size, starts) covering ``n`` voxels with the fewest tiles of at most ~``tile``,
+    overlapping by at least ``overlap``: k tiles are enlarged evenly rather than adding a
+    k+1-th tile that would only cover a sliver."""
     if n <= tile:
-        return [0]
-    starts = list(range(0, n - tile, step)) + [n - tile]
-    return sorted(set(starts))
+        return n, [0]
+    k = -(-(n - overlap) // (tile - overlap))
+    size = -(-(n + (k - 1) * overlap) // k)
+    size = min(n, -(-size // divisor) * divisor)
+    return size, sorted({int(round(s)) for s in np.linspace(0, n - size, k)})
 
 
-def predict_tiled(model, x, tile=128, overlap=16, divisor=8, flip=None, dtype=np.float32,
+def predict_tiled(model, x, tile=144, overlap=16, divisor=8, flip=None, dtype=np.float32,
                   empty=0, progress=None):
     """Predict ``model`` on ``x`` (X, Y, Z) in overlapping tiles; returns (X, Y, Z, C).
 
@@ -28,10 +33,9 @@ def predict_tiled(model, x, tile=128, overlap=16, divisor=8, flip=None, dtype=np
     index, e.g. background) with probability one. Sizes must be multiples of ``divisor``.
     """
     shape = x.shape
-    tile = [min(tile, n) for n in shape]
-    if any(n % divisor for n in shape) or any(t % divisor for t in tile):
+    if any(n % divisor for n in shape) or tile % divisor:
         raise ValueError('shape %s and tile %s must be multiples of %d' % (shape, tile, divisor))
-    grids = [_starts(n, t, t - overlap) for n, t in zip(shape, tile)]
+    tile, grids = zip(*[_axis_tiles(n, tile, overlap, divisor) for n in shape])
     out, weight = None, np.zeros(shape, np.float32)
     margin = overlap // 2
     boxes = [(a, b, c) for a in grids[0] for b in grids[1] for c in grids[2]]
@@ -76,7 +80,7 @@ def brain_box(post, bg_channel=0, threshold=0.5, margin=4):
 
 
 def postprocess(post, out_labels, smooth_sigma=0.5, threshold=0.25):
-    """SynthSeg-style clean-up of posteriors (X, Y, Z, C); returns a new float32 array.
+    """SynthSeg-style clean-up of posteriors (X, Y, Z, C) float32, in place (returns it).
 
     1. light Gaussian smoothing of each channel (``smooth_sigma`` voxels, 0 to skip);
     2. the brain (1 - background posterior > ``threshold``) keeps its largest connected
@@ -86,7 +90,7 @@ def postprocess(post, out_labels, smooth_sigma=0.5, threshold=0.25):
        posteriors elsewhere are zeroed;
     4. renormalize to sum to one.
     """
-    post = np.array(post, np.float32)
+    post = np.asarray(post, np.float32)   # modified in place when already float32
     if smooth_sigma:
         for c in range(post.shape[-1]):
             post[..., c] = ndimage.gaussian_filter(post[..., c], smooth_sigma)

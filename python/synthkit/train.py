@@ -106,8 +106,11 @@ def _atomic_json(obj, path):
 class Trainer:
     """Train a U-Net on synthetic pairs; resumable from ``run_dir``."""
 
-    def __init__(self, cfg, run_dir, progress=True):
-        self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
+    def __init__(self, cfg, run_dir, progress=True, init=None):
+        """``init``: prefix of shipped weights (``PREFIX.weights.h5`` + card) to start a new run
+        from, continuing the card's step count: how training resumes in a fresh clone, where
+        only the shipped weights are committed (the optimizer state starts afresh)."""
+        self.cfg, self.run_dir, self.progress, self.init = cfg, run_dir, progress, init
         os.makedirs(run_dir, exist_ok=True)
         self.ckpt = os.path.join(run_dir, 'ckpt.keras')
         self.state_path = os.path.join(run_dir, 'state.json')
@@ -174,6 +177,14 @@ class Trainer:
         if start > 0 and os.path.exists(self.ckpt):
             model = keras.models.load_model(self.ckpt, custom_objects={'DiceCELoss': DiceCELoss})
             print('resuming %s at step %d' % (self.run_dir, start), flush=True)
+        elif self.init:
+            model = self.build_model()
+            model.load_weights(self.init + '.weights.h5')
+            with open(self.init + '.json') as f:
+                done = json.load(f)['training']
+            start = int(done['steps'])
+            state = {'step': start, 'seconds': 3600.0 * float(done['hours'])}
+            print('starting %s from %s at step %d' % (self.run_dir, self.init, start), flush=True)
         else:
             model, start = self.build_model(), 0
         if start >= cfg.steps:
@@ -181,7 +192,7 @@ class Trainer:
         bank = gen.LabelMapBank(cfg.label_maps)
         val = self.validation_set()
         sampler, rng = self._generator(start)
-        new_log = not os.path.exists(self.log_path) or start == 0
+        new_log = not os.path.exists(self.log_path)
         logf = open(self.log_path, 'w' if new_log else 'a', newline='')
         log = csv.writer(logf)
         if new_log:

@@ -79,7 +79,7 @@ class Segmenter:
     def posteriors(self, conformed, fast=False):
         """(posteriors (x, y, z, 33) float32 inside the brain's bounding box, that box)."""
         flip = None if fast else (0, lab.lr_swap_table(self.labels))   # LIA: axis 0 is L-R
-        post = inference.predict_tiled(self.model, conformed.data, tile=128, overlap=16,
+        post = inference.predict_tiled(self.model, conformed.data, tile=144, overlap=16,
                                        divisor=self.cfg.divisor, flip=flip, dtype=np.float16,
                                        empty=self.labels.index(0))
         box = inference.brain_box(post, self.labels.index(0))

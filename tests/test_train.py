@@ -1,0 +1,103 @@
+"""Training: losses, a short run on generated label maps, resume, export and warm start."""
+
+import csv
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+from keras import ops
+
+from synthkit import nets, train
+
+
+def test_soft_dice_loss_values():
+    y = np.zeros((1, 4, 4, 4, 2), np.float32)
+    y[..., 0] = 1
+    y[0, :2, ..., 0], y[0, :2, ..., 1] = 0, 1
+    assert float(ops.mean(train.soft_dice_loss(y, y))) == pytest.approx(0, abs=1e-6)
+    swapped = y[..., ::-1]
+    assert float(ops.mean(train.soft_dice_loss(y, swapped))) == pytest.approx(1, abs=1e-4)
+    half = np.full_like(y, 0.5)
+    assert float(ops.mean(train.soft_dice_loss(y, half))) == pytest.approx(0.5, abs=1e-3)
+
+
+def test_dice_ce_adds_cross_entropy():
+    y = np.zeros((1, 2, 2, 2, 2), np.float32)
+    y[..., 0] = 1
+    p = np.full_like(y, 0.5)
+    pure = float(ops.mean(train.DiceCELoss(0)(y, p)))
+    both = float(ops.mean(train.DiceCELoss(1)(y, p)))
+    assert both - pure == pytest.approx(np.log(2), rel=1e-3)
+
+
+def test_hard_dice():
+    a = np.array([0, 1, 1, 2])
+    b = np.array([0, 1, 2, 2])
+    d = train.hard_dice(a, b, [1, 2, 3])
+    assert d[0] == pytest.approx(2 / 3) and d[1] == pytest.approx(2 / 3) and np.isnan(d[2])
+
+
+def _label_maps(folder, n=3, size=28):
+    paths = []
+    grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing='ij')) - size / 2
+    r = np.sqrt((grid ** 2).sum(0))
+    for i in range(n):
+        lab = np.zeros((size,) * 3, np.int16)
+        lab[r < 12 + i] = 24
+        lab[r < 10 + i] = 3
+        lab[r < 7] = 2
+        lab[(r < 7) & (grid[0] > 0)] = 41
+        lab[r < 3] = 4
+        path = os.path.join(folder, 'map%d.nii.gz' % i)
+        nib.save(nib.Nifti1Image(lab, np.diag([-1, -1, 1, 1.0])), path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope='module')
+def tiny_cfg(tmp_path_factory):
+    maps = _label_maps(str(tmp_path_factory.mktemp('maps')))
+    unet = nets.UNetConfig(features=4, levels=2, convs_per_level=1).to_dict()
+    return train.TrainConfig(label_maps=maps[:2], val_maps=maps[2:], shape=(16, 16, 16),
+                             unet=unet, generator={'translation_range_mm': (-2.0, 2.0)},
+                             steps=6, val_every=3, val_pairs=1, checkpoint_minutes=0)
+
+
+def test_run_resume_and_export(tiny_cfg, tmp_path):
+    run = str(tmp_path / 'run')
+    tiny_cfg.steps = 4
+    train.Trainer(tiny_cfg, run, progress=False).run()
+    assert json.load(open(os.path.join(run, 'state.json')))['step'] == 4
+    tiny_cfg.steps = 6
+    train.Trainer(tiny_cfg, run, progress=False).run()        # resumes at step 4
+    rows = list(csv.DictReader(open(os.path.join(run, 'log.csv'))))
+    assert [int(r['step']) for r in rows][-1] == 6
+    vals = [r for r in rows if r['val_dice']]
+    # every val_every steps and at the end of each run
+    assert [int(r['step']) for r in vals] == [3, 4, 6]
+    assert all(0 <= float(r['val_dice']) <= 1 for r in vals)
+    assert all(np.isfinite(float(r['loss'])) for r in rows)
+
+    card = train.export(run, str(tmp_path / 'models' / 'seg'))
+    assert card['training']['steps'] == 6 and card['training']['label_maps'] == [
+        'map0.nii.gz', 'map1.nii.gz']
+    model = nets.unet(nets.UNetConfig.from_dict(
+        {k: v for k, v in card['architecture'].items() if k != 'type'}))
+    model.load_weights(str(tmp_path / 'models' / 'seg.weights.h5'))   # no optimizer state
+
+    # a fresh run started from the shipped weights continues their step count
+    tiny_cfg.steps = 8
+    train.Trainer(tiny_cfg, str(tmp_path / 'run2'), progress=False,
+                  init=str(tmp_path / 'models' / 'seg')).run()
+    assert json.load(open(str(tmp_path / 'run2' / 'state.json')))['step'] == 8
+
+
+def test_resume_refuses_a_different_config(tiny_cfg, tmp_path):
+    run = str(tmp_path / 'run')
+    tiny_cfg.steps = 1
+    train.Trainer(tiny_cfg, run, progress=False).run()
+    other = train.TrainConfig(**{**tiny_cfg.__dict__, 'learning_rate': 0.5})
+    with pytest.raises(ValueError, match='learning_rate'):
+        train.Trainer(other, run, progress=False)
