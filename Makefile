@@ -5,7 +5,8 @@ PY     := $(VENV)/bin/python
 DATA   ?= ../shared/data
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install test test-all bench bench-synth bench-synthseg train-synthseg clean
+.PHONY: install test test-all bench bench-synth bench-synthseg bench-synthstrip train-synthseg \
+        train-synthstrip clean
 
 install: $(VENV)/.installed
 
@@ -30,8 +31,11 @@ bench-synth: install
 bench-synthseg: install
 	$(PY) scripts/bench_synthseg.py --data $(DATA)/dev_eval --out docs/bench_synthseg.md
 
-train-synthseg: install
-	$(PY) scripts/train_synthseg.py --labels $(DATA)/label_maps --run runs/synthseg --export models/synthseg
+# Resumes runs/NAME if present; STEPS sets the total (default: the preset's). INIT=models/NAME
+# starts from the shipped weights in a fresh clone.
+train-%: install
+	$(PY) scripts/train.py --task $* --labels $(DATA)/label_maps --run runs/$* \
+	    --export models/$* $(if $(STEPS),--steps $(STEPS)) $(if $(INIT),--init $(INIT))
 
 clean:
 	rm -rf $(VENV) build *.egg-info python/*.egg-info .pytest_cache

@@ -67,7 +67,8 @@ def test_help_describes_the_tool(main, sub, flags, capsys):
     assert 'usage: mri_' in out
     for flag in flags:
         assert flag in out
-    assert 'not yet' in out
+    if main is not synthstrip.main:        # the only one of these with its own pipeline
+        assert 'not yet' in out
 
 
 #: tool -> (main, argv from two input paths and an output folder, model it asks for first)
@@ -175,4 +176,4 @@ def test_scripts_run_from_the_shell(tmp_path):
     done = subprocess.run([str(ROOT / 'bin' / 'mri_synthstrip'), '--help'], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert '--no-csf' in done.stdout and 'not yet shipped' in done.stdout
+    assert '--no-csf' in done.stdout and 'signed distance' in done.stdout

@@ -41,6 +41,8 @@ class GeneratorParams:
     prior: str = 'uniform'
     background_zero_prob: float = 0.0
     strip_prob: float = 0.2          # paint everything outside the brain (and CSF) black
+    fov_prob: float = 0.0            # per side: cut a slab off image and labels (partial FOV)
+    fov_max_fraction: float = 0.3
     bias_std_max: float = 0.7
     bias_scale: float = 0.025
     noise_std_max: float = 0.0       # extra white noise (the GMM stds already add noise)
@@ -124,6 +126,8 @@ class SynthGenerator(keras.layers.Layer):
         self.gamma = layers.RandomGamma(p.gamma_std, seed=seeds[6])
         self.normalize = layers.MinMaxNormalize()
         self.rng = keras.random.SeedGenerator(seeds[7])
+        self.fov = layers.RandomFieldOfView(p.fov_prob, p.fov_max_fraction,
+                                            seed=None if seed is None else seed + 1)
         swap = lab.lr_swap_lookup()
         self.swap = swap
         brain = np.zeros(1024, np.float32)
@@ -163,6 +167,9 @@ class SynthGenerator(keras.layers.Layer):
         flip = ops.reshape(ops.cast(flips, 'int32'), (-1, 1, 1, 1, 1))
         labels = flip * swapped + (1 - flip) * labels
 
+        if self.params.fov_prob > 0:
+            fov = self.fov(labels)
+            labels = labels * ops.cast(fov, 'int32')
         image = self.painter(labels, noise)
         strip = ops.cast(keras.random.uniform((b, 1, 1, 1, 1), seed=self.rng)
                          < self.params.strip_prob, 'float32')
@@ -174,6 +181,8 @@ class SynthGenerator(keras.layers.Layer):
         image = self.resolution(image)
         image = self.normalize(ops.relu(image))
         image = self.normalize(self.gamma(image))
+        if self.params.fov_prob > 0:
+            image = image * fov
         return {'image': image, 'labels': labels, 'coords': coords}
 
     def get_config(self):

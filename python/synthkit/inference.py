@@ -29,8 +29,8 @@ def predict_tiled(model, x, tile=144, overlap=16, divisor=8, flip=None, dtype=np
     ``tile`` and by the output (``dtype``, e.g. float16 for large scans), not by the network.
     ``flip=(axis, channel_permutation)`` also predicts each tile mirrored along ``axis`` and
     averages it in with its channels permuted (left/right label swap). Tiles whose input is
-    all zero (outside the field of view or masked) are not run: they get ``empty`` (a channel
-    index, e.g. background) with probability one. Sizes must be multiples of ``divisor``.
+    all zero (outside the field of view or masked) are not run: they get ``empty``, a channel
+    index given probability one (e.g. background), or a sequence of per-channel values. Sizes must be multiples of ``divisor``.
     """
     shape = x.shape
     if any(n % divisor for n in shape) or tile % divisor:
@@ -47,7 +47,10 @@ def predict_tiled(model, x, tile=144, overlap=16, divisor=8, flip=None, dtype=np
             out = np.zeros(shape + (n_out,), dtype)
         if not patch.any():
             pred = np.zeros(tuple(tile) + (n_out,), np.float32)
-            pred[..., empty] = 1
+            if np.ndim(empty):
+                pred[:] = np.asarray(empty, np.float32)
+            else:
+                pred[..., empty] = 1
         else:
             pred = np.asarray(model.predict_on_batch(patch))[0]
         if flip is not None and patch.any():

@@ -68,6 +68,77 @@ def hard_dice(a, b, labels):
     return np.array(out)
 
 
+class BandMSELoss(keras.losses.Loss):
+    """Mean squared error of a signed distance map, only where the target is inside
+    ``(-band_mm, band_mm)`` (SynthStrip: far from the boundary the value does not matter)."""
+
+    def __init__(self, band_mm=5.0, name='band_mse', **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.band_mm = band_mm
+
+    def call(self, y_true, y_pred):
+        w = ops.cast(ops.abs(y_true) < self.band_mm, y_pred.dtype)
+        axes = tuple(range(1, len(y_pred.shape)))
+        return ops.sum(w * ops.square(y_pred - y_true), axis=axes) / (ops.sum(w, axis=axes) + 1)
+
+    def get_config(self):
+        return {**super().get_config(), 'band_mm': self.band_mm}
+
+
+# ------------------------------------------------------------------------------------ tasks
+class SegmentationTask:
+    """Target: the deformed label map as output channels; loss: soft Dice (+ CE); score: mean
+    hard Dice over the labels present."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.lookup = lab.generation_lookup(cfg.out_labels)
+
+    def target(self, labels):
+        return self.lookup[labels[..., 0]]
+
+    def encode(self, target):
+        return ops.one_hot(target, len(self.cfg.out_labels))
+
+    def loss(self):
+        return DiceCELoss(self.cfg.ce_weight)
+
+    def score(self, pred, target):
+        seg = np.argmax(pred, axis=-1)
+        present = [k for k in range(1, len(self.cfg.out_labels)) if (target == k).any()]
+        return float(np.nanmean(hard_dice(seg, target, present)))
+
+
+class DistanceTask:
+    """Target: signed distance (mm) to the brain boundary of the deformed label map, clipped;
+    loss: MSE inside the band; score: Dice of the masks (distance < 0)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        opts = cfg.task_options
+        self.inside = gen.brain_labels(with_csf=opts.get('csf', True))
+        self.band = float(opts.get('band_mm', 5.0))
+        self.voxsize = float(cfg.generator.get('voxsize_mm', 1.0))
+
+    def target(self, labels):
+        return np.stack([gen.signed_distance(l[..., 0], self.inside, self.voxsize,
+                                             clip_mm=2 * self.band)
+                         for l in labels])[..., None]
+
+    def encode(self, target):
+        return target
+
+    def loss(self):
+        return BandMSELoss(self.band)
+
+    def score(self, pred, target):
+        return float(hard_dice(pred[..., 0] < 0, target[..., 0] < 0, [True])[0])
+
+
+TASKS = {'synthseg': SegmentationTask, 'synthstrip': DistanceTask}
+CUSTOM_OBJECTS = {'DiceCELoss': DiceCELoss, 'BandMSELoss': BandMSELoss}
+
+
 # ----------------------------------------------------------------------------------- config
 @dataclasses.dataclass
 class TrainConfig:
@@ -87,6 +158,8 @@ class TrainConfig:
     val_every: int = 250
     val_pairs: int = 4
     seed: int = 0
+    task: str = 'synthseg'
+    task_options: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self):
         d = dataclasses.asdict(self)
@@ -111,6 +184,7 @@ class Trainer:
         from, continuing the card's step count: how training resumes in a fresh clone, where
         only the shipped weights are committed (the optimizer state starts afresh)."""
         self.cfg, self.run_dir, self.progress, self.init = cfg, run_dir, progress, init
+        self.task = TASKS[cfg.task](cfg)
         os.makedirs(run_dir, exist_ok=True)
         self.ckpt = os.path.join(run_dir, 'ckpt.keras')
         self.state_path = os.path.join(run_dir, 'state.json')
@@ -120,8 +194,9 @@ class Trainer:
             with open(cfg_path) as f:
                 old = json.load(f)
             new = json.loads(json.dumps(cfg.to_dict(), default=list))
+            default = json.loads(json.dumps(TrainConfig().to_dict(), default=list))
             diff = sorted(k for k in new if k not in ('steps', 'checkpoint_minutes')
-                          and old.get(k) != new[k])
+                          and old.get(k, default[k]) != new[k])
             if diff:
                 raise ValueError('%s was started with a different config (%s); use a new run '
                                  'directory' % (run_dir, ', '.join(diff)))
@@ -134,9 +209,9 @@ class Trainer:
         return {'step': 0, 'seconds': 0.0}
 
     def build_model(self):
-        model = nets.unet(nets.UNetConfig.from_dict(self.cfg.unet), name='synthseg_unet')
+        model = nets.unet(nets.UNetConfig.from_dict(self.cfg.unet), name=self.cfg.task + '_unet')
         model.compile(optimizer=keras.optimizers.Adam(self.cfg.learning_rate),
-                      loss=DiceCELoss(self.cfg.ce_weight))
+                      loss=self.task.loss())
         return model
 
     def _generator(self, step):
@@ -148,9 +223,7 @@ class Trainer:
     def _pairs(self, sampler, bank, rng, n):
         x, _ = bank.batch(n, rng)
         out = sampler(x)
-        chan = lab.generation_lookup(self.cfg.out_labels)
-        target = chan[np.asarray(out['labels'])[..., 0]]
-        return np.asarray(out['image']), target
+        return np.asarray(out['image']), self.task.target(np.asarray(out['labels']))
 
     def validation_set(self):
         """Fixed synthetic pairs from the held-out maps (same seed every time)."""
@@ -163,19 +236,15 @@ class Trainer:
         return pairs
 
     def validate(self, model, pairs):
-        scores = []
-        for x, t in pairs:
-            pred = np.argmax(np.asarray(model.predict_on_batch(x)), axis=-1)
-            present = [k for k in range(1, len(self.cfg.out_labels)) if (t == k).any()]
-            scores.append(np.nanmean(hard_dice(pred, t, present)))
-        return float(np.mean(scores))
+        return float(np.mean([self.task.score(np.asarray(model.predict_on_batch(x)), t)
+                              for x, t in pairs]))
 
     def run(self):
         cfg = self.cfg
         state = self._state()
         start = state['step']
         if start > 0 and os.path.exists(self.ckpt):
-            model = keras.models.load_model(self.ckpt, custom_objects={'DiceCELoss': DiceCELoss})
+            model = keras.models.load_model(self.ckpt, custom_objects=CUSTOM_OBJECTS)
             print('resuming %s at step %d' % (self.run_dir, start), flush=True)
         elif self.init:
             model = self.build_model()
@@ -205,7 +274,7 @@ class Trainer:
         losses = []
         for step in range(start + 1, cfg.steps + 1):
             x, t = self._pairs(sampler, bank, rng, cfg.batch_size)
-            y = ops.one_hot(t, len(cfg.out_labels))
+            y = self.task.encode(t)
             loss = float(np.asarray(model.train_on_batch(x, y)))
             losses.append(loss)
             vd = ''
@@ -246,7 +315,7 @@ def export(run_dir, prefix, scores=None, notes=''):
     """Write ``PREFIX.weights.h5`` (the weights of the last checkpoint) and the
     model card ``PREFIX.json`` (architecture, training run, device, scores)."""
     model = keras.models.load_model(os.path.join(run_dir, 'ckpt.keras'),
-                                    custom_objects={'DiceCELoss': DiceCELoss})
+                                    custom_objects=CUSTOM_OBJECTS)
     with open(os.path.join(run_dir, 'config.json')) as f:
         cfg = json.load(f)
     with open(os.path.join(run_dir, 'state.json')) as f:
@@ -261,10 +330,15 @@ def export(run_dir, prefix, scores=None, notes=''):
         'architecture': {'type': 'unet', **cfg['unet']},
         'input': {'voxsize_mm': cfg['generator'].get('voxsize_mm', 1.0), 'orientation': 'LIA',
                   'intensity': 'robust min-max to [0, 1]', 'train_shape': cfg['shape']},
-        'output_labels': list(cfg['out_labels']),
+        'task': cfg.get('task', 'synthseg'),
+        'output_labels': list(cfg['out_labels']) if cfg.get('task', 'synthseg') == 'synthseg'
+        else None,
+        'target': cfg.get('task_options') or None,
         'training': {'steps': state['step'], 'hours': round(state['seconds'] / 3600, 2),
                      'batch_size': cfg['batch_size'], 'learning_rate': cfg['learning_rate'],
-                     'loss': 'soft Dice + %.2g x cross-entropy' % cfg['ce_weight'],
+                     'loss': ('soft Dice + %.2g x cross-entropy' % cfg['ce_weight']
+                              if cfg.get('task', 'synthseg') == 'synthseg' else
+                              'MSE of the signed distance within the band'),
                      'label_maps': cfg['label_maps'], 'held_out_maps': cfg['val_maps'],
                      'generator': cfg['generator'],
                      'device': '%s, %d CPU cores, Keras %s backend' % (
@@ -278,3 +352,21 @@ def export(run_dir, prefix, scores=None, notes=''):
     }
     _atomic_json(card, prefix + '.json')
     return card
+
+
+def preset(task, maps):
+    """The TrainConfig of a shipped model, from the sorted training label map paths (the last
+    two are held out for validation)."""
+    if len(maps) < 3:
+        raise ValueError('need at least 3 label maps, got %d' % len(maps))
+    maps = sorted(maps)
+    common = dict(label_maps=maps[:-2], val_maps=maps[-2:])
+    if task == 'synthseg':
+        return TrainConfig(**common)
+    if task == 'synthstrip':
+        return TrainConfig(
+            **common, task='synthstrip', task_options={'csf': True, 'band_mm': 8.0},
+            unet=nets.UNetConfig(out_channels=1, final_activation='linear').to_dict(),
+            generator={'voxsize_mm': 2.0, 'translation_range_mm': (-30.0, 30.0),
+                       'strip_prob': 0.1, 'fov_prob': 0.15})
+    raise ValueError('unknown task %r (known: %s)' % (task, ', '.join(TASKS)))

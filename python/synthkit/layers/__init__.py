@@ -5,14 +5,14 @@ They run on the TensorFlow, JAX and PyTorch backends. Spatial tensors are channe
 """
 
 from .intensity import (GaussianBlur, GMMPainter, MinMaxNormalize, OneHot, RandomBiasField,
-                        RandomGamma, RandomNoise, RemapLabels)
+                        RandomFieldOfView, RandomGamma, RandomNoise, RemapLabels)
 from .resolution import RandomResolution, downup_matrix
 from .spatial import (IntegrateVelocity, RandomAffine, RandomVelocityField, ResizeField,
                       SpatialTransformer, affine_coordinates, jacobian_determinant)
 from .utils import apply_axis_matrices, resize_field, sample, volume_grid
 
 __all__ = ['GaussianBlur', 'GMMPainter', 'MinMaxNormalize', 'OneHot', 'RandomBiasField',
-           'RandomGamma', 'RandomNoise', 'RemapLabels', 'RandomResolution', 'downup_matrix',
+           'RandomFieldOfView', 'RandomGamma', 'RandomNoise', 'RemapLabels', 'RandomResolution', 'downup_matrix',
            'IntegrateVelocity', 'RandomAffine', 'RandomVelocityField', 'ResizeField',
            'SpatialTransformer', 'affine_coordinates', 'jacobian_determinant',
            'apply_axis_matrices', 'resize_field', 'sample', 'volume_grid']

@@ -173,3 +173,37 @@ class OneHot(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), 'n': self.n}
+
+
+class RandomFieldOfView(keras.layers.Layer):
+    """Random limited field of view: a mask that cuts slabs off the volume's sides.
+
+    Each of the six sides is cut with probability ``prob`` by a fraction U(0, ``max_fraction``)
+    of the axis. Multiply images (and zero labels) by the mask to simulate a head that the scan
+    only partly covers.
+
+    call(reference (B, X, Y, Z, C)) -> mask (B, X, Y, Z, 1) float32 in {0, 1}.
+    """
+
+    def __init__(self, prob=0.3, max_fraction=0.3, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        self.prob, self.max_fraction, self.seed = prob, max_fraction, seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, reference):
+        b = reference.shape[0]
+        mask = ops.ones((b, 1, 1, 1, 1))
+        for ax, n in enumerate(reference.shape[1:4]):
+            cut = keras.random.uniform((b, 2), 0, self.max_fraction * n, seed=self.seed_generator)
+            cut = cut * ops.cast(keras.random.uniform((b, 2), seed=self.seed_generator)
+                                 < self.prob, 'float32')
+            idx = ops.arange(n, dtype='float32')[None]
+            keep = ops.cast((idx >= cut[:, :1]) & (idx < n - cut[:, 1:]), 'float32')
+            shape = [b, 1, 1, 1, 1]
+            shape[ax + 1] = n
+            mask = mask * ops.reshape(keep, shape)
+        return mask
+
+    def get_config(self):
+        return {**super().get_config(), 'prob': self.prob, 'max_fraction': self.max_fraction,
+                'seed': self.seed}

@@ -2,19 +2,26 @@
 
 A network trained only on synthetic images predicts the signed distance of every voxel to the
 brain boundary, so one model serves T1w, T2w, FLAIR, PD, DWI, EPI and CT scans alike. The brain
-mask is where that distance is below --border mm; it includes the cerebrospinal fluid around the
-brain unless --no-csf is given. Outputs keep the geometry of the input image.
+mask is where that distance is below --border mm (largest connected component, holes filled);
+it includes the cerebrospinal fluid around the brain unless --no-csf is given. Outputs keep the
+geometry of the input image; multi-frame inputs are stripped frame by frame.
 """
 
 import argparse
+import os
+import sys
 
+import numpy as np
+from scipy import ndimage
+
+from .. import inference, io
 from . import common
 
 PROG = 'mri_synthstrip'
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, epilog=common.MODEL_NOT_SHIPPED,
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('-i', '--image', metavar='FILE', required=True, help='input image to strip')
     p.add_argument('-o', '--out', metavar='FILE', help='save the skull-stripped image')
@@ -28,8 +35,82 @@ def build_parser():
     p.add_argument('--model', metavar='FILE', help='alternative model weights (.weights.h5)')
     p.add_argument('--fill', metavar='VALUE', type=float, default=0,
                    help='(SynthKit) value of removed voxels in --out (default: %(default)s)')
-    p.add_argument('--png', metavar='FILE', help='(SynthKit) save a QC picture of the mask')
+    p.add_argument('--png', action='store_true',
+                   help='(SynthKit) save a QC picture (mask over the image) beside the first output')
     return p
+
+
+class Stripper:
+    """The loaded distance network and how to run it on one 3-D image."""
+
+    def __init__(self, path, card):
+        from .. import nets
+        arch = {k: v for k, v in card['architecture'].items() if k != 'type'}
+        self.cfg = nets.UNetConfig.from_dict(arch)
+        self.model = nets.unet(self.cfg)
+        self.model.load_weights(path)
+        self.voxsize = float(card['input'].get('voxsize_mm', 1.0))
+        self.far = 2 * float((card.get('target') or {}).get('band_mm', 5.0))
+
+    def distance(self, data, affine):
+        """(signed distance on the input grid in mm, conformed image, distance there)."""
+        conformed = io.conform((np.asarray(data, np.float32), affine), voxsize=self.voxsize,
+                               multiple=self.cfg.divisor * 2)
+        sdt = inference.predict_tiled(self.model, conformed.data, tile=144, overlap=16,
+                                      divisor=self.cfg.divisor, empty=[self.far])[..., 0]
+        return io.to_input_grid(sdt, conformed, 'linear'), conformed.data, sdt
+
+
+def brain_mask(sdt, border):
+    """Voxels closer than ``border`` mm inside the boundary: largest component, holes filled."""
+    mask = sdt < border
+    labelled, n = ndimage.label(mask)
+    if n > 1:
+        sizes = np.bincount(labelled.ravel())
+        sizes[0] = 0
+        mask = labelled == np.argmax(sizes)
+    return ndimage.binary_fill_holes(mask)
+
+
+def strip(args):
+    outputs = [p for p in (args.out, args.mask, args.sdt) if p]
+    common.require_inputs(args.image)
+    weights, card = common.find_model('synthstrip_nocsf' if args.no_csf else 'synthstrip',
+                                      args.model)
+    vol = io.load_volume(args.image)
+    for path in outputs:
+        io.check_writable(path)
+    if args.threads:
+        common.set_threads(args.threads)
+    if not args.gpu:
+        common.hide_gpus()
+    net = Stripper(weights, card)
+
+    frames = [vol.frame(f) for f in range(vol.nframes)] if vol.nframes > 1 else [vol]
+    masks, sdts = [], []
+    for frame in common.progress(frames, 'stripping', disable=len(frames) == 1):
+        sdt, image_net, sdt_net = net.distance(frame.data, frame.affine)
+        masks.append(brain_mask(sdt, args.border))
+        sdts.append(sdt.astype(np.float32))
+    stack = (lambda xs: np.stack(xs, -1)) if vol.nframes > 1 else (lambda xs: xs[0])
+    mask = stack(masks)
+    if args.out:
+        data = np.asarray(vol.data)
+        dtype = data.dtype if float(args.fill).is_integer() else np.float32
+        io.save_volume(np.where(mask, data, args.fill).astype(dtype), vol.affine, args.out,
+                       like=vol)
+    if args.mask:
+        io.save_volume(mask.astype(np.uint8), vol.affine, args.mask, like=vol)
+    if args.sdt:
+        io.save_volume(stack(sdts), vol.affine, args.sdt, like=vol)
+    if args.png:
+        from .. import qc
+        first = outputs[0]
+        png = os.path.join(os.path.dirname(os.path.abspath(first)), io.stem(first) + '.png')
+        qc.save_png(qc.montage(image_net, np.where(sdt_net < args.border, 12, 0)), png)
+    print('%s: brain volume %.1f cm^3' % (PROG, masks[0].sum() * abs(np.linalg.det(
+        vol.affine[:3, :3])) / 1000), file=sys.stderr)
+    return 0
 
 
 def main(argv=None):
@@ -38,9 +119,3 @@ def main(argv=None):
     if not (args.out or args.mask or args.sdt):
         parser.error('give at least one output: -o, -m or -d')
     common.run(PROG, strip, args)
-
-
-def strip(args):
-    common.require_inputs(args.image)
-    common.find_model('synthstrip', args.model)
-    raise common.ToolError('not yet implemented: skull stripping with the synthstrip model')

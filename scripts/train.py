@@ -1,0 +1,48 @@
+#!/usr/bin/env python
+"""Train (or resume) one of the shipped networks on synthetic data, then export it.
+
+    python scripts/train.py --task synthseg --labels ../shared/data/label_maps \
+        --run runs/synthseg --export models/synthseg [--steps N] [--init models/synthseg]
+
+The configuration of each task is `synthkit.train.preset` (the last two label maps, sorted, are
+held out for the validation score). Interrupt at any time: rerunning the same command resumes
+from the last checkpoint (every few minutes). In a fresh clone, where only the shipped weights
+are committed, `--init models/NAME` starts a new run from them and continues their step count.
+"""
+
+import argparse
+import glob
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'python'))
+
+from synthkit import train  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument('--task', default='synthseg', choices=sorted(train.TASKS))
+    p.add_argument('--labels', required=True, help='folder of training label maps')
+    p.add_argument('--run', help='run directory (default runs/TASK)')
+    p.add_argument('--export', help='write PREFIX.weights.h5 and PREFIX.json when done')
+    p.add_argument('--steps', type=int, default=None, help='total steps (default: preset)')
+    p.add_argument('--export-only', action='store_true', help='only export the last checkpoint')
+    p.add_argument('--init', help='start a new run from shipped weights PREFIX (e.g. '
+                                  'models/synthseg), continuing their step count')
+    args = p.parse_args()
+
+    maps = sorted(glob.glob(os.path.join(args.labels, '*.nii.gz')))
+    cfg = train.preset(args.task, maps)
+    if args.steps:
+        cfg.steps = args.steps
+    run = args.run or os.path.join('runs', args.task)
+    if not args.export_only:
+        train.Trainer(cfg, run, progress=sys.stderr.isatty(), init=args.init).run()
+    if args.export:
+        card = train.export(run, args.export)
+        print('exported %s.weights.h5 (%d steps)' % (args.export, card['training']['steps']))
+
+
+if __name__ == '__main__':
+    main()
