@@ -139,3 +139,13 @@ def require_inputs(*paths):
     for path in paths:
         if path is not None and not os.path.exists(path):
             raise ToolError('%s: no such file' % path)
+
+
+def load_unet(weights, card):
+    """Build the U-Net a model card describes and load ``weights`` into it: (model, config)."""
+    from .. import nets
+    cfg = nets.UNetConfig.from_dict({k: v for k, v in card['architecture'].items()
+                                     if k != 'type'})
+    model = nets.unet(cfg)
+    model.load_weights(weights)
+    return model, cfg

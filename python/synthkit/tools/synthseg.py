@@ -64,13 +64,8 @@ class Segmenter:
 
     def __init__(self, weights=None):
         import keras
-
-        from .. import nets
         path, card = common.find_model('synthseg', weights)
-        arch = {k: v for k, v in card['architecture'].items() if k != 'type'}
-        self.cfg = nets.UNetConfig.from_dict(arch)
-        self.model = nets.unet(self.cfg)
-        self.model.load_weights(path)
+        self.model, self.cfg = common.load_unet(path, card)
         self.labels = tuple(card['output_labels'])
         self.voxsize = float(card['input'].get('voxsize_mm', 1.0))
         self.card = card

@@ -44,11 +44,7 @@ class Stripper:
     """The loaded distance network and how to run it on one 3-D image."""
 
     def __init__(self, path, card):
-        from .. import nets
-        arch = {k: v for k, v in card['architecture'].items() if k != 'type'}
-        self.cfg = nets.UNetConfig.from_dict(arch)
-        self.model = nets.unet(self.cfg)
-        self.model.load_weights(path)
+        self.model, self.cfg = common.load_unet(path, card)
         self.voxsize = float(card['input'].get('voxsize_mm', 1.0))
         self.far = 2 * float((card.get('target') or {}).get('band_mm', 5.0))
 
