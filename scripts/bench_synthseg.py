@@ -28,7 +28,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, '..', 'python'))
 
-from synthkit import inference, io  # noqa: E402
+from synthkit import io  # noqa: E402
 from synthkit import labels as lab  # noqa: E402
 from synthkit.tools import synthseg  # noqa: E402
 
@@ -54,13 +54,9 @@ def fold(ref):
 
 
 def segment(seg, data, affine, fast=False):
-    """Hard segmentation in network space and its affine."""
-    conformed = io.conform((np.asarray(data, np.float32), affine), voxsize=seg.voxsize,
-                           multiple=seg.cfg.divisor * 2)
-    post, box = seg.posteriors(conformed, fast=fast)
-    hard = np.zeros(conformed.data.shape, np.int32)
-    hard[box] = inference.hard_segmentation(post, seg.labels)
-    return hard, conformed.affine
+    """Hard segmentation on the 1 mm output grid, and that grid's affine."""
+    result = seg.segment(np.asarray(data, np.float32), affine, fast=fast)
+    return result.hard, result.grid.affine
 
 
 def on_grid(hard, affine, shape, dst_affine):

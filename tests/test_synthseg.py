@@ -205,3 +205,38 @@ def test_axis_tiles_cover_with_overlap(n):
     size, starts = inference._axis_tiles(n, 144, 16, 8)
     assert size % 8 == 0 and size <= max(n, 144) and starts[0] == 0 and starts[-1] + size == n
     assert all(b - a <= size - 16 for a, b in zip(starts, starts[1:]))   # overlap >= 16
+
+
+def test_resample_box_maps_coarse_posteriors_to_1mm():
+    # a 2 mm grid whose box holds label channel 1 in its centre
+    src = np.diag([2.0, 2.0, 2.0, 1.0])
+    post = np.zeros((6, 6, 6, 2), np.float32)
+    post[..., 0] = 1
+    post[2:4, 2:4, 2:4] = [0, 1]
+    box = (slice(4, 10),) * 3                  # where that box sits in the 2 mm grid
+    dst = np.eye(4)
+    out, dbox = inference.resample_box(post, box, src, (40, 40, 40), dst)
+    assert np.allclose(out.sum(-1), 1)
+    start = np.array([s.start for s in dbox])
+    world_centre = 2.0 * (4 + 2.5)             # centre of the labelled 2 mm voxels, in mm
+    centre = np.argwhere(out[..., 1] > 0.5).mean(0) + start
+    assert np.allclose(centre, world_centre, atol=0.6)
+    assert out[..., 1].max() == pytest.approx(1.0)
+
+
+def test_cli_with_a_2mm_network(tmp_path, tiny_model_dir, monkeypatch):
+    folder = tmp_path / 'models'
+    folder.mkdir()
+    card = json.loads((tiny_model_dir / 'synthseg.json').read_text())
+    card['input']['voxsize_mm'] = 2.0
+    (folder / 'synthseg.json').write_text(json.dumps(card))
+    (folder / 'synthseg.weights.h5').write_bytes((tiny_model_dir / 'synthseg.weights.h5')
+                                                 .read_bytes())
+    monkeypatch.setenv('SYNTHKIT_MODELS', str(folder))
+    _phantom(tmp_path / 'scan.nii.gz')
+    with pytest.raises(SystemExit) as e:
+        synthseg.main(['--i', str(tmp_path / 'scan.nii.gz'), '--o', str(tmp_path / 's.nii.gz'),
+                       '--vol', str(tmp_path / 'v.csv')])
+    assert e.value.code == 0
+    seg = io.load_volume(str(tmp_path / 's.nii.gz'), allow_empty=True)
+    assert np.allclose(seg.voxsize, 1.0)          # outputs stay at 1 mm

@@ -82,6 +82,31 @@ def brain_box(post, bg_channel=0, threshold=0.5, margin=4):
     return tuple(slice(a, b) for a, b in zip(lo, hi))
 
 
+def resample_box(post, box, src_affine, dst_shape, dst_affine):
+    """Resample box posteriors from a (coarser) source grid onto the part of a destination grid
+    that the box covers (linear, channel by channel); returns (posteriors, destination box)."""
+    from . import io
+    start = np.array([s.start for s in box], float)
+    stop = np.array([s.stop - 1 for s in box], float)
+    corners = np.array([[a, b, c, 1] for a in (start[0], stop[0]) for b in (start[1], stop[1])
+                        for c in (start[2], stop[2])]).T
+    vox = (np.linalg.inv(dst_affine) @ src_affine @ corners)[:3]
+    lo = np.clip(np.floor(vox.min(1)).astype(int), 0, dst_shape)
+    hi = np.clip(np.ceil(vox.max(1)).astype(int) + 1, 0, dst_shape)
+    shift = np.eye(4)
+    shift[:3, 3] = start
+    src_box_affine = src_affine @ shift
+    shift = np.eye(4)
+    shift[:3, 3] = lo
+    out = io.resample(post, src_box_affine, tuple(hi - lo), dst_affine @ shift, 'linear', fill=0)
+    total = out.sum(-1, keepdims=True)
+    outside = total[..., 0] <= 0            # beyond the source box: background
+    out[outside, 0] = 1
+    total[outside] = 1
+    out /= total
+    return out, tuple(slice(a, b) for a, b in zip(lo, hi))
+
+
 def postprocess(post, out_labels, smooth_sigma=0.5, threshold=0.25):
     """SynthSeg-style clean-up of posteriors (X, Y, Z, C) float32, in place (returns it).
 

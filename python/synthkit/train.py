@@ -362,7 +362,10 @@ def preset(task, maps):
     maps = sorted(maps)
     common = dict(label_maps=maps[:-2], val_maps=maps[-2:])
     if task == 'synthseg':
-        return TrainConfig(**common)
+        # 2 mm voxels, so that one 96^3 crop holds the whole brain: on 2 CPU cores this learns
+        # far faster per hour than 1 mm crops of a third of the brain
+        return TrainConfig(**common, generator={'voxsize_mm': 2.0,
+                                                'translation_range_mm': (-20.0, 20.0)})
     if task == 'synthstrip':
         return TrainConfig(
             **common, task='synthstrip', task_options={'csf': True, 'band_mm': 8.0},
