@@ -40,7 +40,7 @@ def main():
     if not args.export_only:
         train.Trainer(cfg, run, progress=sys.stderr.isatty(), init=args.init).run()
     if args.export:
-        card = train.export(run, args.export)
+        card = train.export(run, args.export, label_dir=args.labels)
         print('exported %s.weights.h5 (%d steps)' % (args.export, card['training']['steps']))
 
 

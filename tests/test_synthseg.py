@@ -240,3 +240,17 @@ def test_cli_with_a_2mm_network(tmp_path, tiny_model_dir, monkeypatch):
     assert e.value.code == 0
     seg = io.load_volume(str(tmp_path / 's.nii.gz'), allow_empty=True)
     assert np.allclose(seg.voxsize, 1.0)          # outputs stay at 1 mm
+
+
+def test_image_statistics_mode_normalizes_each_input_by_itself(tiny_model_dir):
+    from synthkit.tools import common
+    card = json.loads((tiny_model_dir / 'synthseg.json').read_text())
+    weights = str(tiny_model_dir / 'synthseg.weights.h5')
+    moving, _ = common.load_unet(weights, card)
+    card['input']['norm_statistics'] = 'image'
+    own, _ = common.load_unet(weights, card)
+    assert isinstance(own, nets.ImageStatistics) and own.output_shape == moving.output_shape
+    x = 5 + 3 * np.random.default_rng(0).random((1, 16, 16, 16, 1)).astype(np.float32)
+    expected = np.asarray(moving(x, training=True))          # as during training
+    assert np.allclose(own.predict_on_batch(x), expected, atol=1e-5)
+    assert not np.allclose(moving.predict_on_batch(x), expected, atol=1e-3)

@@ -80,7 +80,10 @@ def test_run_resume_and_export(tiny_cfg, tmp_path):
     assert all(0 <= float(r['val_dice']) <= 1 for r in vals)
     assert all(np.isfinite(float(r['loss'])) for r in rows)
 
-    card = train.export(run, str(tmp_path / 'models' / 'seg'))
+    card = train.export(run, str(tmp_path / 'models' / 'seg'),
+                        label_dir=os.path.dirname(tiny_cfg.val_maps[0]))
+    assert set(card['training']['validation_by_norm_statistics']) == {'moving', 'image'}
+    assert card['input']['norm_statistics'] in ('moving', 'image')
     assert card['training']['steps'] == 6 and card['training']['label_maps'] == [
         'map0.nii.gz', 'map1.nii.gz']
     model = nets.unet(nets.UNetConfig.from_dict(

@@ -8,6 +8,7 @@ loading weights.
 import dataclasses
 
 import keras
+import numpy as np
 from keras import layers
 
 
@@ -79,3 +80,22 @@ def unet(cfg=None, shape=(None, None, None), name='unet'):
         x = _conv_block(x, feats, cfg, 'dec%d' % level)
     out = layers.Conv3D(cfg.out_channels, 1, activation=cfg.final_activation, name='head')(x)
     return keras.Model(inp, out, name=name)
+
+
+class ImageStatistics:
+    """Wrap a model so that its batch normalization uses each input's own statistics.
+
+    Networks trained with one image per batch normalize, during training, with that image's
+    statistics; under domain randomization every image has a different contrast, so the
+    running averages that Keras uses at inference can fit no image well. Calling the model in
+    training mode at inference (moving averages are updated on this in-memory copy only and
+    never saved) reproduces the training-time normalization. Offers ``predict_on_batch`` and
+    ``output_shape`` like a Keras model.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.output_shape = model.output_shape
+
+    def predict_on_batch(self, x):
+        return np.asarray(self.model(x, training=True))

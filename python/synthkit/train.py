@@ -311,9 +311,26 @@ def read_log(run_dir):
         return list(csv.DictReader(f))
 
 
-def export(run_dir, prefix, scores=None, notes=''):
+def compare_norm_statistics(run_dir, model, label_dir):
+    """Mean validation score of ``model`` on the run's held-out synthetic pairs with batch-norm
+    running averages ('moving') and with each image's own statistics ('image')."""
+    with open(os.path.join(run_dir, 'config.json')) as f:
+        values = json.load(f)
+    cfg = TrainConfig(**{k: v for k, v in values.items() if k in TrainConfig.__dataclass_fields__})
+    cfg.val_maps = [os.path.join(label_dir, name) for name in cfg.val_maps]
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg, trainer.task = cfg, TASKS[cfg.task](cfg)
+    pairs = trainer.validation_set()
+    return {'moving': trainer.validate(model, pairs),
+            'image': trainer.validate(nets.ImageStatistics(model), pairs)}
+
+
+def export(run_dir, prefix, scores=None, notes='', label_dir=None):
     """Write ``PREFIX.weights.h5`` (the weights of the last checkpoint) and the
-    model card ``PREFIX.json`` (architecture, training run, device, scores)."""
+    model card ``PREFIX.json`` (architecture, training run, device, scores).
+
+    With ``label_dir`` (where the run's held-out maps are), the card's
+    ``input.norm_statistics`` is whichever batch-norm mode scores better on them."""
     model = keras.models.load_model(os.path.join(run_dir, 'ckpt.keras'),
                                     custom_objects=CUSTOM_OBJECTS)
     with open(os.path.join(run_dir, 'config.json')) as f:
@@ -325,11 +342,13 @@ def export(run_dir, prefix, scores=None, notes=''):
     bare.set_weights(model.get_weights())      # no optimizer state in the shipped file
     bare.save_weights(prefix + '.weights.h5')
     vals = [r for r in read_log(run_dir) if r['val_dice']]
+    norm = compare_norm_statistics(run_dir, model, label_dir) if label_dir else None
     card = {
         'model': os.path.basename(prefix),
         'architecture': {'type': 'unet', **cfg['unet']},
         'input': {'voxsize_mm': cfg['generator'].get('voxsize_mm', 1.0), 'orientation': 'LIA',
-                  'intensity': 'robust min-max to [0, 1]', 'train_shape': cfg['shape']},
+                  'intensity': 'robust min-max to [0, 1]', 'train_shape': cfg['shape'],
+                  'norm_statistics': max(norm, key=norm.get) if norm else 'moving'},
         'task': cfg.get('task', 'synthseg'),
         'output_labels': list(cfg['out_labels']) if cfg.get('task', 'synthseg') == 'synthseg'
         else None,
@@ -346,6 +365,7 @@ def export(run_dir, prefix, scores=None, notes=''):
                          keras.backend.backend()),
                      'validation_dice_synthetic': [(int(r['step']), float(r['val_dice']))
                                                    for r in vals],
+                     'validation_by_norm_statistics': norm,
                      'finished': state.get('saved')},
         'scores': scores or {},
         'notes': notes,

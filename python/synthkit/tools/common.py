@@ -142,10 +142,15 @@ def require_inputs(*paths):
 
 
 def load_unet(weights, card):
-    """Build the U-Net a model card describes and load ``weights`` into it: (model, config)."""
+    """Build the U-Net a model card describes and load ``weights`` into it: (model, config).
+
+    When the card's ``input.norm_statistics`` is ``'image'`` the model normalizes with each
+    input's own statistics (see :class:`synthkit.nets.ImageStatistics`)."""
     from .. import nets
     cfg = nets.UNetConfig.from_dict({k: v for k, v in card['architecture'].items()
                                      if k != 'type'})
     model = nets.unet(cfg)
     model.load_weights(weights)
+    if card.get('input', {}).get('norm_statistics') == 'image':
+        model = nets.ImageStatistics(model)
     return model, cfg
