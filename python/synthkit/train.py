@@ -389,7 +389,8 @@ def preset(task, maps):
     if task == 'synthstrip':
         return TrainConfig(
             **common, task='synthstrip', task_options={'csf': True, 'band_mm': 8.0},
-            unet=nets.UNetConfig(out_channels=1, final_activation='linear').to_dict(),
+            unet=nets.UNetConfig(out_channels=1, final_activation='linear',
+                                 features=8).to_dict(),
             generator={'voxsize_mm': 2.0, 'translation_range_mm': (-30.0, 30.0),
                        'strip_prob': 0.1, 'fov_prob': 0.15})
     raise ValueError('unknown task %r (known: %s)' % (task, ', '.join(TASKS)))
