@@ -2,16 +2,19 @@
 
   register  align a moving image to a fixed image: rigid, affine, deformable, or affine then
             deformable ('joint', the default), with networks trained only on synthetic images
-  apply     resample images through a transform saved by 'register'
+  apply     resample images through a transform saved by 'register' or FreeSurfer (.lta matrix
+            or displacement field image); needs no model
 
 Run 'mri_synthmorph register --help' or 'mri_synthmorph apply --help' for their options.
 """
 
 import argparse
+import os
 
 import numpy as np
 
 from . import common
+from .. import io, transforms
 
 PROG = 'mri_synthmorph'
 
@@ -28,13 +31,32 @@ by scaling and squaring, smoother for larger -r. Transforms are saved as a matri
 .txt) for rigid and affine models and as a displacement field image otherwise."""
 
 APPLY = """\
-Resample each input image through a transform saved by 'register' (-t or -T) and save it to the
-output path that follows it."""
+Resample each input image through a transform saved by 'register' (-t or -T), or by FreeSurfer
+tools, and save it to the output path that follows it. Any number of input/output pairs may be
+given; a bad pair is reported and skipped, and the exit status is then 1.
+
+Transforms go from the moving to the fixed image, as in FreeSurfer:
+  .lta         FreeSurfer LTA matrix, LINEAR_RAS_TO_RAS (type 1) or LINEAR_VOX_TO_VOX (type 0),
+               mapping moving-world to fixed-world RAS coordinates; the output takes the grid of
+               its 'dst volume info' (the fixed image), or the input's own grid when that is
+               invalid
+  image        displacement field (X, Y, Z, 3) in world RAS mm on the fixed grid (.nii, .nii.gz,
+               .mgz, .mgh): fixed voxel v is taken from the moving-world point
+               vox2ras(v) + disp[v]; the output takes the field's grid
+
+Inputs need not be the registered image itself: any image in the same world space (another
+contrast, a label map with -m nearest) is placed by its own vox2ras matrix. Multi-frame images
+are resampled frame by frame. Outputs never replace an input."""
+
+EPILOG = """\
+Note: the trained models that 'register' needs are not yet shipped in this release of SynthKit;
+'register' checks its arguments and inputs, then exits with status 1 without writing anything.
+'apply' needs no model."""
 
 
 def build_parser():
     raw = argparse.RawDescriptionHelpFormatter
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__, epilog=common.MODEL_NOT_SHIPPED,
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__, epilog=EPILOG,
                                 formatter_class=raw)
     sub = p.add_subparsers(dest='command', required=True, metavar='{register,apply}')
 
@@ -67,17 +89,18 @@ def build_parser():
     r.set_defaults(run=register, check=check_register)
 
     a = sub.add_parser('apply', help='apply a transform to images', description=APPLY,
-                       epilog='Note: not yet implemented in this release of SynthKit.',
                        formatter_class=raw)
-    a.add_argument('trans', help='transform file (matrix or displacement field)')
+    a.add_argument('trans', help='transform file: .lta matrix or displacement field image')
     a.add_argument('images', nargs='+', metavar='IMAGE',
                    help='pairs of paths: input output [input output ...]')
     a.add_argument('-H', '--header-only', action='store_true',
-                   help='change the header instead of resampling (matrix transforms only)')
+                   help='change the vox2ras matrix instead of resampling (matrix transforms '
+                        'only); the voxels are kept as they are')
     a.add_argument('-m', '--method', choices=('linear', 'nearest'), default='linear',
-                   help='interpolation method (default: %(default)s)')
+                   help='interpolation method, nearest for label maps (default: %(default)s)')
     a.add_argument('-t', '--type', metavar='DTYPE', type=np.dtype,
-                   help='output data type, e.g. float32 (default: that of the input)')
+                   help='output data type, e.g. float32 (default: that of the input; integer '
+                        'types get rounded values)')
     a.add_argument('-f', '--fill', metavar='VALUE', type=float, default=0,
                    help='value outside the input field of view (default: %(default)s)')
     a.set_defaults(run=apply, check=check_apply)
@@ -121,5 +144,35 @@ def register(args):
 
 
 def apply(args):
-    common.require_inputs(args.trans, *args.images[::2])
-    raise common.ToolError('not yet implemented: applying a transform (mri_synthmorph apply)')
+    common.require_inputs(args.trans)
+    trans = transforms.load_transform(args.trans)
+    if args.header_only and trans.is_warp:
+        raise common.ToolError('%s: -H needs a matrix transform (.lta), not a displacement field'
+                               % args.trans)
+    pairs = list(zip(args.images[::2], args.images[1::2]))
+    reads = {os.path.realpath(p) for p in [args.trans] + [i for i, _ in pairs]}
+    seen = set()
+    for _, out in pairs:
+        real = os.path.realpath(out)
+        if real in reads:
+            raise common.ToolError('%s: output would overwrite an input' % out)
+        if real in seen:
+            raise common.ToolError('%s: output given twice' % out)
+        seen.add(real)
+
+    report = common.BatchReport(PROG)
+    for inp, out in pairs:
+        report.attempt(inp, apply_one, trans, inp, out, args.method, args.fill, args.type,
+                       args.header_only)
+    return report.finish()
+
+
+def apply_one(trans, inp, out, method='linear', fill=0, dtype=None, header_only=False):
+    """Resample (or, with ``header_only``, re-header) image ``inp`` through ``trans`` to ``out``."""
+    io.check_writable(out)
+    vol = io.load_volume(inp, allow_empty=True)
+    if header_only:
+        data, affine = transforms.header_only(trans, vol)
+    else:
+        data, affine = transforms.apply(trans, vol, method=method, fill=fill, dtype=dtype)
+    io.save_volume(data, affine, out, like=vol, dtype=dtype)
