@@ -96,6 +96,10 @@ class ImageStatistics:
     def __init__(self, model):
         self.model = model
         self.output_shape = model.output_shape
+        self._call = lambda x: model(x, training=True)
+        if keras.backend.backend() == 'tensorflow':   # a graph: less than half the memory
+            import tensorflow as tf
+            self._call = tf.function(self._call, reduce_retracing=True)
 
     def predict_on_batch(self, x):
-        return np.asarray(self.model(x, training=True))
+        return np.asarray(self._call(x))
