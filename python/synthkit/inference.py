@@ -124,7 +124,7 @@ def postprocess(post, out_labels, smooth_sigma=0.5, threshold=0.25):
             post[..., c] = ndimage.gaussian_filter(post[..., c], smooth_sigma)
     out_labels = list(out_labels)
     bg = out_labels.index(0)
-    brain = _largest_component(1 - post[..., bg] > threshold)
+    brain = largest_component(1 - post[..., bg] > threshold)
     post[~brain] = 0
     post[~brain, bg] = 1
     classes = {}
@@ -137,7 +137,7 @@ def postprocess(post, out_labels, smooth_sigma=0.5, threshold=0.25):
         if not mask.any():
             continue
         box = ndimage.find_objects(mask.astype(np.int8))[0]
-        drop = mask[box] & ~_largest_component(mask[box])
+        drop = mask[box] & ~largest_component(mask[box])
         for c in chans:
             post[box + (c,)][drop] = 0
     total = post.sum(-1, keepdims=True)
@@ -147,7 +147,8 @@ def postprocess(post, out_labels, smooth_sigma=0.5, threshold=0.25):
     return post / total
 
 
-def _largest_component(mask):
+def largest_component(mask):
+    """The largest connected component of a boolean mask (the mask itself if it has one)."""
     labelled, n = ndimage.label(mask)
     if n <= 1:
         return mask.astype(bool)

@@ -59,13 +59,7 @@ class Stripper:
 
 def brain_mask(sdt, border):
     """Voxels closer than ``border`` mm inside the boundary: largest component, holes filled."""
-    mask = sdt < border
-    labelled, n = ndimage.label(mask)
-    if n > 1:
-        sizes = np.bincount(labelled.ravel())
-        sizes[0] = 0
-        mask = labelled == np.argmax(sizes)
-    return ndimage.binary_fill_holes(mask)
+    return ndimage.binary_fill_holes(inference.largest_component(sdt < border))
 
 
 def strip(args):
