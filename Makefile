@@ -5,8 +5,8 @@ PY     := $(VENV)/bin/python
 DATA   ?= ../shared/data
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install test test-all bench bench-synth bench-synthseg bench-synthstrip train-synthseg \
-        train-synthstrip clean
+.PHONY: install test test-all bench bench-synth bench-synthseg bench-synthstrip bench-synthmorph \
+        train-synthseg train-synthstrip train-synthmorph clean
 
 install: $(VENV)/.installed
 
@@ -23,7 +23,7 @@ test-all: install
 	$(PY) -m pip install -q -e '.[dev,jax]'
 	$(PY) -m pytest -q tests
 
-bench: bench-synth bench-synthseg bench-synthstrip
+bench: bench-synth bench-synthseg bench-synthstrip bench-synthmorph
 
 bench-synth: install
 	$(PY) scripts/bench_synth.py --labels $(DATA)/label_maps --out docs/bench_synth.md
@@ -32,30 +32,49 @@ bench-synthseg: install
 	$(PY) scripts/bench_synthseg.py --data $(DATA)/dev_eval --out docs/bench_synthseg.md
 
 # Skull stripping vs Colin27 (BET, Debian mricron-data, fetched into .cache/mricron) and ixi002
-# (HD-BET), side by side with deepbet, which lives in its own venv: torch pinned to the CPU build
-# that pip finds on this machine's disk (a plain `torch` would pull a multi-GB CUDA build).
+# (HD-BET), side by side with deepbet; registration side by side with ANTs SyN (antspyx). Both
+# live in their own venv: torch pinned to the CPU build that pip finds on this machine's disk (a
+# plain `torch` would pull a multi-GB CUDA build).
 BENCH_VENV ?= .venv-bench
 BENCH_TORCH ?= torch==2.13.0
+BENCH_PKGS ?= $(BENCH_TORCH) deepbet==1.0.2 antspyx==0.6.3
 
 bench-synthstrip: install
 	$(MAKE) --no-print-directory $(BENCH_VENV)/.installed || echo 'deepbet venv not installed: benchmarking without deepbet'
 	$(PY) scripts/bench_synthstrip.py --data $(DATA)/dev_eval --cache .cache/mricron \
 	    --deepbet-python $(BENCH_VENV)/bin/python --out docs/bench_synthstrip.md
 
+# Dice of moved asegs on the 6 ordered OASIS pairs, affine and joint, with ANTs SyN alongside.
+bench-synthmorph: install
+	$(MAKE) --no-print-directory $(BENCH_VENV)/.installed || echo 'antspyx venv not installed: benchmarking without ANTs'
+	$(PY) scripts/bench_synthmorph.py --data $(DATA)/dev_eval \
+	    --ants-python $(BENCH_VENV)/bin/python --out docs/bench_synthmorph.md
+
 .PHONY: .venv-bench
 .venv-bench: $(BENCH_VENV)/.installed
 
+# The stamp holds the package list it was made with: a changed list (or an older stamp) installs
+# again into the same venv, so an existing one gains what was added.
+ifneq ($(strip $(shell cat $(BENCH_VENV)/.installed 2>/dev/null)),$(strip $(BENCH_PKGS)))
+.PHONY: $(BENCH_VENV)/.installed
+endif
+
 $(BENCH_VENV)/.installed:
-	rm -rf $(BENCH_VENV)
-	$(PYTHON) -m venv $(BENCH_VENV)
-	$(BENCH_VENV)/bin/pip install -q $(BENCH_TORCH) deepbet==1.0.2
-	touch $@
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q $(BENCH_PKGS)
+	echo '$(BENCH_PKGS)' > $@
 
 # Resumes runs/NAME if present; STEPS sets the total (default: the preset's). INIT=models/NAME
 # starts from the shipped weights in a fresh clone.
 train-%: install
 	$(PY) scripts/train.py --task $* --labels $(DATA)/label_maps --run runs/$* \
 	    --export models/$* $(if $(STEPS),--steps $(STEPS)) $(if $(INIT),--init $(INIT))
+
+# Both SynthMorph models (affine, then deformable); STEPS and INIT as above, INIT as a prefix
+# folder: INIT=models gives models/synthmorph_affine and models/synthmorph_deform.
+train-synthmorph: install
+	$(MAKE) --no-print-directory train-synthmorph_affine $(if $(INIT),INIT=$(INIT)/synthmorph_affine)
+	$(MAKE) --no-print-directory train-synthmorph_deform $(if $(INIT),INIT=$(INIT)/synthmorph_deform)
 
 clean:
 	rm -rf $(VENV) build *.egg-info python/*.egg-info .pytest_cache

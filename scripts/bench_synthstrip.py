@@ -30,10 +30,8 @@ import glob
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 from scipy import ndimage
@@ -41,11 +39,13 @@ from scipy import ndimage
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, 'python'))
+sys.path.insert(0, HERE)
 
 from synthkit import io  # noqa: E402
+from benchlib import measure, merge_card, run_quiet, tail  # noqa: E402
 
 TEMPLATES = 'usr/share/mricron/templates'
-METHODS = ('synthstrip', 'deepbet')
+METHODS = ('synthstrip', 'synthstrip-nocsf', 'deepbet')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,17 +61,17 @@ def colin27(cache):
     if not debs:
         if not shutil.which('apt-get'):
             raise RuntimeError('apt-get not found: cannot fetch Debian package mricron-data')
-        r = _run_quiet(['apt-get', 'download', 'mricron-data'], cwd=cache)
+        r = run_quiet(['apt-get', 'download', 'mricron-data'], cwd=cache)
         if r.returncode != 0 and os.geteuid() == 0:
             print('apt-get download failed; running apt-get update once and retrying', flush=True)
-            _run_quiet(['apt-get', 'update', '-q'])
-            r = _run_quiet(['apt-get', 'download', 'mricron-data'], cwd=cache)
+            run_quiet(['apt-get', 'update', '-q'])
+            r = run_quiet(['apt-get', 'download', 'mricron-data'], cwd=cache)
         debs = glob.glob(os.path.join(cache, 'mricron-data_*.deb'))
         if r.returncode != 0 or not debs:
-            raise RuntimeError('apt-get download mricron-data failed: %s' % _tail(r.stdout))
-    r = _run_quiet(['dpkg', '-x', sorted(debs)[-1], cache])
+            raise RuntimeError('apt-get download mricron-data failed: %s' % tail(r.stdout))
+    r = run_quiet(['dpkg', '-x', sorted(debs)[-1], cache])
     if r.returncode != 0 or not (os.path.isfile(head) and os.path.isfile(bet)):
-        raise RuntimeError('dpkg -x %s failed: %s' % (sorted(debs)[-1], _tail(r.stdout)))
+        raise RuntimeError('dpkg -x %s failed: %s' % (sorted(debs)[-1], tail(r.stdout)))
     return head, bet
 
 
@@ -100,36 +100,10 @@ def cases(data, cache):
 # ---------------------------------------------------------------------------------------------
 # running a method
 
-def _run_quiet(cmd, **kw):
-    return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
-
-
-def _tail(text, n=3):
-    lines = [l for l in (text or '').strip().splitlines() if l.strip()]
-    return ' / '.join(lines[-n:]) if lines else '(no output)'
-
-
-def measure(cmd, env=None):
-    """Run ``cmd``; (exit status, wall seconds, peak RSS in GB of that process, output)."""
-    log = tempfile.TemporaryFile(mode='w+')
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    # wait4 reaps exactly this child and returns its own rusage (ru_maxrss: the peak of that
-    # process or of the largest descendant it waited for), unlike RUSAGE_CHILDREN, which is the
-    # maximum over every child this script has had so far
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    log.seek(0)
-    text = log.read()
-    log.close()
-    return proc.returncode, wall, usage.ru_maxrss / 1024 ** 2, text
-
-
-def synthstrip_cmd(image, mask, threads, model):
+def synthstrip_cmd(image, mask, threads, model, no_csf=False):
     cmd = [sys.executable, os.path.join(ROOT, 'bin', 'mri_synthstrip'), '-i', image, '-m', mask,
            '--threads', str(threads)]
-    return cmd + (['--model', model] if model else [])
+    return cmd + (['--model', model] if model else []) + (['--no-csf'] if no_csf else [])
 
 
 def deepbet_cmd(python, image, mask, threads):
@@ -140,9 +114,9 @@ def deepbet_problem(python):
     """Why deepbet cannot run with ``python`` (None when it can)."""
     if not os.path.isfile(python):
         return 'deepbet venv not found (%s): run `make .venv-bench`' % python
-    r = _run_quiet([python, '-c', 'import deepbet'])
+    r = run_quiet([python, '-c', 'import deepbet'])
     if r.returncode != 0:
-        return 'cannot import deepbet with %s: %s' % (python, _tail(r.stdout, 1))
+        return 'cannot import deepbet with %s: %s' % (python, tail(r.stdout, 1))
     return None
 
 
@@ -213,8 +187,10 @@ def report(results, case_list, args, weights, steps, errors):
              'whole-head T1; HD-BET masks for ixi002. The ixi002 images are already brain images '
              '(slightly dilated around the brain, no skull), so those rows are a weak check of '
              'boundary placement, not of skull stripping. deepbet is trained for T1 only. '
-             'MSD: mean symmetric surface distance. Our masks include the CSF around the brain '
-             '(model card target `csf`).', '']
+             'MSD: mean symmetric surface distance. `synthstrip` masks include the CSF around '
+             'the brain (model card target `csf`), as FreeSurfer\'s SynthStrip does by default; '
+             '`synthstrip-nocsf` is `mri_synthstrip --no-csf` (its own model, CSF outside), '
+             'closer to what BET and HD-BET call brain.', '']
     head = '| case | reference |' + ''.join(
         ' %s Dice | %s MSD mm | %s s | %s peak GB |' % ((m,) * 4) for m in active)
     lines += [head, '|' + ' --- |' * (2 + 4 * len(active))]
@@ -244,8 +220,8 @@ def report(results, case_list, args, weights, steps, errors):
     return '\n'.join(lines) + '\n'
 
 
-def our_scores(results, case_list):
-    ours = results['synthstrip']
+def our_scores(results, case_list, method='synthstrip'):
+    ours = results[method]
     scores = {}
     for name, *_ in case_list:
         r = ours.get(name, {})
@@ -276,6 +252,9 @@ def main():
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--out', default='docs/bench_synthstrip.md')
     p.add_argument('--card', help='model card JSON to merge our scores into')
+    p.add_argument('--model-nocsf', help='--no-csf weights (default: synthstrip_nocsf.weights.h5 '
+                                         'beside the main model; skipped when absent)')
+    p.add_argument('--card-nocsf', help='model card JSON to merge the --no-csf scores into')
     p.add_argument('--keep', metavar='DIR', help='keep the predicted masks in DIR')
     args = p.parse_args()
 
@@ -294,6 +273,12 @@ def main():
 
     methods = {'synthstrip': lambda img, out: synthstrip_cmd(img, out, args.threads, args.model)}
     results = {'synthstrip': {}}
+    nocsf = args.model_nocsf or os.path.join(os.path.dirname(weights),
+                                             'synthstrip_nocsf.weights.h5')
+    if os.path.isfile(nocsf):
+        methods['synthstrip-nocsf'] = lambda img, out: synthstrip_cmd(
+            img, out, args.threads, nocsf, no_csf=True)
+        results['synthstrip-nocsf'] = {}
     if not args.skip_deepbet:
         problem = deepbet_problem(args.deepbet_python)
         if problem:
@@ -302,7 +287,7 @@ def main():
         else:
             methods['deepbet'] = lambda img, out: deepbet_cmd(args.deepbet_python, img, out,
                                                               args.threads)
-            results['deepbet'] = {'_version': _run_quiet(
+            results['deepbet'] = {'_version': run_quiet(
                 [args.deepbet_python, '-c', 'import importlib.metadata as m, torch; '
                  'print(m.version("deepbet"), "(torch %s)" % torch.__version__)']).stdout.strip()}
 
@@ -316,7 +301,7 @@ def main():
             out = os.path.join(work, '%s_%s_mask.nii.gz' % (name, method))
             rc, wall, peak, text = measure(make_cmd(image, out), env=env)
             if rc != 0 or not os.path.isfile(out):
-                msg = '%s on %s failed (exit %d): %s' % (method, name, rc, _tail(text))
+                msg = '%s on %s failed (exit %d): %s' % (method, name, rc, tail(text))
                 errors.append(msg)
                 print(msg, flush=True)
                 continue
@@ -335,12 +320,9 @@ def main():
         f.write(text)
     print(text)
     if args.card:
-        with open(args.card) as f:
-            card = json.load(f)
-        card.setdefault('scores', {}).update(our_scores(results, case_list))
-        with open(args.card + '.tmp', 'w') as f:
-            json.dump(card, f, indent=2)
-        os.replace(args.card + '.tmp', args.card)
+        merge_card(args.card, our_scores(results, case_list))
+    if args.card_nocsf and results.get('synthstrip-nocsf'):
+        merge_card(args.card_nocsf, our_scores(results, case_list, 'synthstrip-nocsf'))
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if results['synthstrip'] else 1

@@ -67,9 +67,9 @@ def test_help_describes_the_tool(main, sub, flags, capsys):
     assert 'usage: mri_' in out
     for flag in flags:
         assert flag in out
-    if main is synthmorph.main and sub == ['apply']:  # applying a transform needs no model
-        assert 'not yet' not in out
-    elif main is not synthstrip.main:      # the only one of these with its own pipeline
+    if main is synthstrip.main or (main is synthmorph.main and sub != ['register']):
+        assert 'not yet' not in out        # real pipelines; 'apply' needs no model
+    else:
         assert 'not yet' in out
 
 
@@ -77,7 +77,7 @@ def test_help_describes_the_tool(main, sub, flags, capsys):
 RUNS = {
     'synthstrip': (synthstrip.main, lambda a, b, o: ['-i', a, '-m', o + '/mask.nii.gz'],
                    'synthstrip'),
-    'synthmorph': (synthmorph.main, lambda a, b, o: ['register', a, b, '-t', o + '/t.lta'],
+    'synthmorph': (synthmorph.main, lambda a, b, o: ['register', a, b, '-t', o + '/t.nii.gz'],
                    'synthmorph_affine'),
     'easyreg': (easyreg.main, lambda a, b, o: ['--ref', a, '--flo', b,
                                                '--ref_seg', o + '/rs.nii.gz',
@@ -135,10 +135,11 @@ def test_bad_arguments_exit_2(tool, argv, capsys):
 
 @pytest.mark.parametrize('model, needs', [('affine', 'synthmorph_affine'),
                                           ('deform', 'synthmorph_deform'),
-                                          ('rigid', 'synthmorph_rigid')])
+                                          ('rigid', 'synthmorph_affine')])
 def test_synthmorph_asks_for_the_model_of_its_type(model, needs, scans, capsys):
     a, b, out = scans
-    assert call(synthmorph.main, ['register', a, b, '-m', model, '-t', out + '/t.lta']) == 1
+    trans = out + ('/t.nii.gz' if model == 'deform' else '/t.lta')
+    assert call(synthmorph.main, ['register', a, b, '-m', model, '-t', trans]) == 1
     assert 'model not yet available: %s ' % needs in capsys.readouterr().err
 
 

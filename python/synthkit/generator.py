@@ -299,6 +299,36 @@ def brain_labels(with_csf=True):
     return tuple(lab.BRAIN_LABELS) + ((24,) if with_csf else ())
 
 
+#: Labels that random-shapes maps are painted with: distinct GMM classes (no left/right pair
+#: shares a class here), all of them output labels, so the segmentation one-hot encodes them.
+SHAPE_LABELS = (2, 3, 4, 5, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 26)
+
+
+def shapes_bank(n, shape, n_labels=16, coarse_range=(6, 14), seed=None):
+    """``n`` random-shapes label maps (n, *shape) int16 (numpy, made once for training): each
+    voxel takes the label of the largest of ``n_labels`` smooth noise fields, drawn on a coarse
+    grid of ``coarse_range`` points per axis and upsampled; labels are :data:`SHAPE_LABELS`."""
+    from scipy import ndimage
+    rng = np.random.default_rng(seed)
+    out = np.zeros((n, *shape), np.int16)
+    labels = np.asarray(SHAPE_LABELS[:n_labels], np.int16)
+    half = tuple(-(-s // 2) for s in shape)     # fields at 2 mm, labels repeated to 1 mm
+    for i in range(n):
+        k = int(rng.integers(coarse_range[0], coarse_range[1] + 1))
+        best = np.full(half, -np.inf, np.float32)
+        small = np.zeros(half, np.int16)
+        for j in range(n_labels):
+            coarse = rng.standard_normal((k, k, k)).astype(np.float32)
+            field = ndimage.zoom(coarse, [s / k for s in half], order=1, mode='nearest',
+                                 grid_mode=True)[:half[0], :half[1], :half[2]]
+            win = field > best
+            small[win] = labels[j]
+            best = np.where(win, field, best)
+        full = small.repeat(2, 0).repeat(2, 1).repeat(2, 2)
+        out[i] = full[:shape[0], :shape[1], :shape[2]]
+    return out
+
+
 class RandomShapes(keras.layers.Layer):
     """Random 'shapes' label maps from smooth noise (anatomy-agnostic SynthMorph training).
 

@@ -25,6 +25,7 @@ from keras import ops
 
 from . import generator as gen
 from . import labels as lab
+from . import morph
 from . import nets
 
 
@@ -69,8 +70,9 @@ def hard_dice(a, b, labels):
 
 
 class BandMSELoss(keras.losses.Loss):
-    """Mean squared error of a signed distance map, only where the target is inside
-    ``(-band_mm, band_mm)`` (SynthStrip: far from the boundary the value does not matter)."""
+    """Mean squared error of a signed distance map where the target is inside ``(-band_mm,
+    band_mm)`` (SynthStrip: far from the boundary the exact value does not matter), plus, beyond
+    the band, the squared amount by which a prediction falls on the wrong side of the band."""
 
     def __init__(self, band_mm=5.0, name='band_mse', **kwargs):
         super().__init__(name=name, **kwargs)
@@ -79,7 +81,12 @@ class BandMSELoss(keras.losses.Loss):
     def call(self, y_true, y_pred):
         w = ops.cast(ops.abs(y_true) < self.band_mm, y_pred.dtype)
         axes = tuple(range(1, len(y_pred.shape)))
-        return ops.sum(w * ops.square(y_pred - y_true), axis=axes) / (ops.sum(w, axis=axes) + 1)
+        band = ops.sum(w * ops.square(y_pred - y_true), axis=axes) / (ops.sum(w, axis=axes) + 1)
+        # beyond the band only the side matters: a prediction on the wrong side of +-band_mm
+        # costs its squared distance to it (otherwise far background may come out as 'inside')
+        b = self.band_mm
+        side = ops.square(ops.clip(y_pred, -b, b) - ops.clip(y_true, -b, b))
+        return band + ops.mean((1 - w) * side, axis=axes)
 
     def get_config(self):
         return {**super().get_config(), 'band_mm': self.band_mm}
@@ -135,8 +142,180 @@ class DistanceTask:
         return float(hard_dice(pred[..., 0] < 0, target[..., 0] < 0, [True])[0])
 
 
-TASKS = {'synthseg': SegmentationTask, 'synthstrip': DistanceTask}
-CUSTOM_OBJECTS = {'DiceCELoss': DiceCELoss, 'BandMSELoss': BandMSELoss}
+class _RegistrationTask:
+    """Shared parts of the SynthMorph tasks: pairs of synthetic images of one label map with
+    independent deformations and contrasts; the models compute their own loss (their output),
+    so the target passed to Keras is a dummy."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.opts = cfg.task_options
+        self.lookup = lab.generation_lookup(cfg.out_labels)
+        self.n_labels = len(cfg.out_labels)
+        groups = self.opts.get('label_groups')
+        if groups:      # coarser classes: a smoother overlap loss for large misalignments
+            seg = np.zeros(len(self.lookup), np.int32)
+            for i, members in enumerate(groups, start=1):
+                seg[list(members)] = i
+            self.lookup = seg[np.asarray(cfg.out_labels)][self.lookup]
+            self.n_labels = len(groups) + 1
+        self.lam_range = tuple(self.opts.get('lambda_range', (0.0, 1.0)))
+
+    def loss(self):
+        return morph.mean_output
+
+    def encode(self, target):
+        return np.zeros((target['n'],), np.float32)
+
+    def make_sampler(self, seed):
+        params = gen.GeneratorParams.from_dict(self.cfg.generator)
+        return gen.PairSampler(gen.SynthGenerator(self.cfg.shape, params, seed=seed), seed=seed)
+
+    def onehot(self, labels):
+        return np.eye(self.n_labels, dtype=np.float32)[self.lookup[labels[..., 0]]]
+
+    def pair(self, sampler, maps, coords=False):
+        m, f = gen.registration_pair(sampler, maps)
+        out = (np.asarray(m['image']), np.asarray(f['image']), np.asarray(m['labels']),
+               np.asarray(f['labels']))
+        return out + ((np.asarray(m['coords']), np.asarray(f['coords'])) if coords else ())
+
+    def build_model(self):
+        model = self.training_model()
+        model.compile(optimizer=keras.optimizers.Adam(self.cfg.learning_rate),
+                      loss=morph.mean_output)
+        return model
+
+
+class AffineTask(_RegistrationTask):
+    """SynthMorph affine: feature barycentres fitted symmetrically by weighted least squares;
+    loss: soft Dice of the brain labels moved by the fitted affine; score: mean hard Dice."""
+    net_name = 'affine_features'
+
+    def network(self):
+        return morph.feature_net(**self.opts.get('net', {}))
+
+    def training_model(self):
+        return morph.affine_training_model(self.network(), self.cfg.shape, self.n_labels,
+                                           self.opts.get('coord_weight', 0.0))
+
+    def sample(self, sampler, bank, rng, n):
+        maps, _ = bank.batch(n, rng)
+        m, f, lm, lf, *c = self.pair(sampler, maps, bool(self.opts.get('coord_weight')))
+        x = [m, f, self.onehot(lm), self.onehot(lf)] + c
+        return x, {'n': n, 'moving': lm, 'fixed': lf}
+
+    def validate(self, model, pairs):
+        net = model.get_layer('affine_features')
+        scores = []
+        for x, t in pairs:
+            mat = affine_matrix(net, x[0], x[1])
+            moved = np.asarray(morph.sample_affine(x[2], mat[None].astype(np.float32),
+                                                   self.cfg.shape))
+            scores.append(label_dice(np.argmax(moved[0], -1), self.lookup[t['fixed'][0, ..., 0]]))
+        return float(np.mean(scores))
+
+
+def affine_matrix(net, moving, fixed):
+    """The symmetric affine (4, 4) from fixed to moving centred voxel coordinates."""
+    pm, wm = morph.barycenters(net.predict_on_batch(moving), moving.shape[1:4])
+    pf, wf = morph.barycenters(net.predict_on_batch(fixed), fixed.shape[1:4])
+    return np.asarray(morph.fit_symmetric(pm, pf, np.sqrt(np.asarray(wm) * np.asarray(wf)
+                                                          + 1e-12)))[0]
+
+
+def label_dice(a, b):
+    """Mean hard Dice over the non-zero labels present in ``b``."""
+    present = [k for k in np.unique(b) if k != 0]
+    return float(np.nanmean(hard_dice(a, b, present)))
+
+
+class DeformTask(_RegistrationTask):
+    """SynthMorph deformable: a lambda-conditioned U-Net predicts a stationary velocity field;
+    loss ``(1 - lambda) (1 - Dice) + lambda |grad v|^2``; trained on brain label maps and, with
+    probability ``shapes_prob``, on random-shapes label maps; score: mean hard Dice of the moved
+    labels at lambda = 0.5."""
+    net_name = 'deform_velocity'
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.shapes = None
+
+    def network(self):
+        return morph.velocity_net(**self.opts.get('net', {}))
+
+    def training_model(self):
+        return morph.deform_training_model(self.network(), self.cfg.shape, self.n_labels,
+                                           self.opts.get('int_steps', 5),
+                                           self.opts.get('coord_weight', 0.0))
+
+    def sample(self, sampler, bank, rng, n):
+        use_shapes = rng.random() < self.opts.get('shapes_prob', 0.0)
+        if use_shapes:
+            if self.shapes is None:
+                self.shapes = gen.shapes_bank(self.opts.get('shapes_maps', 8), bank.shape,
+                                              seed=int(rng.integers(2 ** 31)))
+            maps = self.shapes[rng.integers(0, len(self.shapes), size=n)][..., None]
+        else:
+            maps, _ = bank.batch(n, rng)
+        coords = bool(self.opts.get('coord_weight'))
+        if rng.random() < self.opts.get('same_contrast_prob', 0.0):
+            m, f, lm, lf, *c = self.same_contrast_pair(sampler, maps, rng, coords)
+        else:
+            m, f, lm, lf, *c = self.pair(sampler, maps, coords)
+        lam = rng.uniform(*self.lam_range, size=(n, 1)).astype(np.float32)
+        x = [m, f, self.onehot(lm), self.onehot(lf), lam] + c
+        return x, {'n': n, 'moving': lm, 'fixed': lf}
+
+    def same_contrast_pair(self, sampler, maps, rng, coords):
+        """One synthetic image and a copy of it (image, labels, source coordinates) warped by
+        a smooth random displacement (``same_contrast_disp_vox`` std on a 1/8 control grid,
+        cubic interpolation): an easier pair with a single contrast, the fixed image being
+        the moving one at ``x + d(x)``."""
+        from scipy import ndimage
+        out = sampler(maps)
+        img, labels = np.asarray(out['image']), np.asarray(out['labels'])
+        shape = img.shape[1:4]
+        k = [max(2, n // 8) for n in shape]
+        std = float(self.opts.get('same_contrast_disp_vox', 3.0))
+        grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape],
+                                    indexing='ij'))
+        f_img, f_lab, f_crd = np.empty_like(img), np.empty_like(labels), None
+        src = np.asarray(out['coords']) if coords else None
+        if coords:
+            f_crd = np.empty_like(src)
+        for b in range(img.shape[0]):
+            disp = np.stack([ndimage.zoom(rng.normal(0, std, k).astype(np.float32),
+                                          [n / c for n, c in zip(shape, k)], order=3,
+                                          grid_mode=True, mode='nearest')[:shape[0], :shape[1],
+                                                                          :shape[2]]
+                             for _ in range(3)])
+            pts = grid + disp
+            f_img[b, ..., 0] = ndimage.map_coordinates(img[b, ..., 0], pts, order=1, cval=0)
+            f_lab[b, ..., 0] = ndimage.map_coordinates(labels[b, ..., 0], pts, order=0, cval=0)
+            if coords:
+                for i in range(3):
+                    f_crd[b, ..., i] = ndimage.map_coordinates(src[b, ..., i], pts, order=1,
+                                                               mode='nearest')
+        pair = (img, f_img, labels, f_lab)
+        return pair + ((src, f_crd) if coords else ())
+
+    def validate(self, model, pairs):
+        net = model.get_layer('deform_velocity')
+        scores = []
+        for x, t in pairs:
+            disp = morph.integrate(net.predict_on_batch(
+                [np.concatenate([x[0], x[1]], -1), np.array([[0.5]], np.float32)]),
+                self.cfg.shape, self.opts.get('int_steps', 5))
+            moved = np.asarray(morph.warp_labels(x[2], disp))
+            scores.append(label_dice(np.argmax(moved[0], -1), self.lookup[t['fixed'][0, ..., 0]]))
+        return float(np.mean(scores))
+
+
+TASKS = {'synthseg': SegmentationTask, 'synthstrip': DistanceTask,
+         'synthstrip_nocsf': DistanceTask,
+         'synthmorph_affine': AffineTask, 'synthmorph_deform': DeformTask}
+CUSTOM_OBJECTS = {'DiceCELoss': DiceCELoss, 'BandMSELoss': BandMSELoss, **morph.CUSTOM_OBJECTS}
 
 
 # ----------------------------------------------------------------------------------- config
@@ -209,6 +388,8 @@ class Trainer:
         return {'step': 0, 'seconds': 0.0}
 
     def build_model(self):
+        if hasattr(self.task, 'build_model'):
+            return self.task.build_model()
         model = nets.unet(nets.UNetConfig.from_dict(self.cfg.unet), name=self.cfg.task + '_unet')
         model.compile(optimizer=keras.optimizers.Adam(self.cfg.learning_rate),
                       loss=self.task.loss())
@@ -217,10 +398,14 @@ class Trainer:
     def _generator(self, step):
         params = gen.GeneratorParams.from_dict(self.cfg.generator)
         seed = self.cfg.seed * 100003 + step
+        if hasattr(self.task, 'make_sampler'):
+            return self.task.make_sampler(seed), np.random.default_rng(seed)
         g = gen.SynthGenerator(self.cfg.shape, params, seed=seed)
         return gen.PairSampler(g, seed=seed), np.random.default_rng(seed)
 
     def _pairs(self, sampler, bank, rng, n):
+        if hasattr(self.task, 'sample'):
+            return self.task.sample(sampler, bank, rng, n)
         x, _ = bank.batch(n, rng)
         out = sampler(x)
         return np.asarray(out['image']), self.task.target(np.asarray(out['labels']))
@@ -236,6 +421,8 @@ class Trainer:
         return pairs
 
     def validate(self, model, pairs):
+        if hasattr(self.task, 'validate'):
+            return self.task.validate(model, pairs)
         return float(np.mean([self.task.score(np.asarray(model.predict_on_batch(x)), t)
                               for x, t in pairs]))
 
@@ -248,7 +435,8 @@ class Trainer:
             print('resuming %s at step %d' % (self.run_dir, start), flush=True)
         elif self.init:
             model = self.build_model()
-            model.load_weights(self.init + '.weights.h5')
+            net = getattr(self.task, 'net_name', None)
+            (model.get_layer(net) if net else model).load_weights(self.init + '.weights.h5')
             with open(self.init + '.json') as f:
                 done = json.load(f)['training']
             start = int(done['steps'])
@@ -338,14 +526,25 @@ def export(run_dir, prefix, scores=None, notes='', label_dir=None):
     with open(os.path.join(run_dir, 'state.json')) as f:
         state = json.load(f)
     os.makedirs(os.path.dirname(prefix) or '.', exist_ok=True)
-    bare = nets.unet(nets.UNetConfig.from_dict(cfg['unet']), name=model.name)
-    bare.set_weights(model.get_weights())      # no optimizer state in the shipped file
+    task = cfg.get('task', 'synthseg')
+    registration = task.startswith('synthmorph')
+    if registration:
+        net_cfg = TASKS[task](TrainConfig(**{k: v for k, v in cfg.items()
+                                             if k in TrainConfig.__dataclass_fields__}))
+        bare = net_cfg.network()
+        bare.set_weights(model.get_layer(bare.name).get_weights())
+        architecture = {'type': bare.name, **cfg['task_options'].get('net', {})}
+    else:
+        bare = nets.unet(nets.UNetConfig.from_dict(cfg['unet']), name=model.name)
+        bare.set_weights(model.get_weights())      # no optimizer state in the shipped file
+        architecture = {'type': 'unet', **cfg['unet']}
     bare.save_weights(prefix + '.weights.h5')
     vals = [r for r in read_log(run_dir) if r['val_dice']]
-    norm = compare_norm_statistics(run_dir, model, label_dir) if label_dir else None
+    norm = compare_norm_statistics(run_dir, model, label_dir) if label_dir and not registration \
+        else None
     card = {
         'model': os.path.basename(prefix),
-        'architecture': {'type': 'unet', **cfg['unet']},
+        'architecture': architecture,
         'input': {'voxsize_mm': cfg['generator'].get('voxsize_mm', 1.0), 'orientation': 'LIA',
                   'intensity': 'robust min-max to [0, 1]', 'train_shape': cfg['shape'],
                   'norm_statistics': max(norm, key=norm.get) if norm else 'moving'},
@@ -355,9 +554,8 @@ def export(run_dir, prefix, scores=None, notes='', label_dir=None):
         'target': cfg.get('task_options') or None,
         'training': {'steps': state['step'], 'hours': round(state['seconds'] / 3600, 2),
                      'batch_size': cfg['batch_size'], 'learning_rate': cfg['learning_rate'],
-                     'loss': ('soft Dice + %.2g x cross-entropy' % cfg['ce_weight']
-                              if cfg.get('task', 'synthseg') == 'synthseg' else
-                              'MSE of the signed distance within the band'),
+                     'loss': LOSS_NAMES.get(task, 'soft Dice + %.2g x cross-entropy'
+                                            % cfg['ce_weight']),
                      'label_maps': cfg['label_maps'], 'held_out_maps': cfg['val_maps'],
                      'generator': cfg['generator'],
                      'device': '%s, %d CPU cores, Keras %s backend' % (
@@ -374,6 +572,22 @@ def export(run_dir, prefix, scores=None, notes='', label_dir=None):
     return card
 
 
+#: Brain structures merged into left/right regions for the affine overlap loss.
+AFFINE_GROUPS = ((2, 3), (41, 42), (4, 5, 14, 15, 43, 44), (7, 8), (46, 47),
+                 (10, 11, 12, 13, 17, 18, 26, 28), (49, 50, 51, 52, 53, 54, 58, 60), (16,), (24,))
+
+LOSS_NAMES = {
+    'synthstrip': 'MSE of the signed distance within the band + mean squared wrong-side '
+                  'excess beyond it',
+    'synthstrip_nocsf': 'MSE of the signed distance within the band + mean squared wrong-side '
+                        'excess beyond it',
+    'synthmorph_affine': '1 - soft Dice of the label maps moved by the fitted affine + '
+                         'coord_weight x mean squared source-point distance (mm^2)',
+    'synthmorph_deform': '(1 - lambda) (1 - soft Dice of the moved label maps + coord_weight x '
+                         'mean squared source-point distance (mm^2) over labelled voxels) + '
+                         'lambda mean |grad v|^2, lambda ~ U(0, 1) per step'}
+
+
 def preset(task, maps):
     """The TrainConfig of a shipped model, from the sorted training label map paths (the last
     two are held out for validation)."""
@@ -386,11 +600,36 @@ def preset(task, maps):
         # far faster per hour than 1 mm crops of a third of the brain
         return TrainConfig(**common, generator={'voxsize_mm': 2.0,
                                                 'translation_range_mm': (-20.0, 20.0)})
-    if task == 'synthstrip':
+    if task in ('synthstrip', 'synthstrip_nocsf'):
+        # synthstrip_nocsf: extracerebral CSF counts as outside (mri_synthstrip --no-csf)
         return TrainConfig(
-            **common, task='synthstrip', task_options={'csf': True, 'band_mm': 8.0},
+            **common, task=task, task_options={'csf': task == 'synthstrip', 'band_mm': 8.0},
             unet=nets.UNetConfig(out_channels=1, final_activation='linear',
                                  features=8).to_dict(),
             generator={'voxsize_mm': 2.0, 'translation_range_mm': (-30.0, 30.0),
                        'strip_prob': 0.1, 'fov_prob': 0.15})
+    if task == 'synthmorph_affine':
+        # 3 mm voxels, 64^3 (192 mm): pairs of whole or skull-stripped heads, each with its own
+        # random affine (up to 30 degrees and 40 mm apart), no left/right flips
+        return TrainConfig(
+            **common, task=task, shape=(64, 64, 64), learning_rate=5e-4, val_every=200,
+            task_options={'net': {'features': [16, 32, 32, 32], 'out_features': 32,
+                                  'out_level': 1},
+                          'label_groups': AFFINE_GROUPS, 'coord_weight': 0.02},
+            generator={'voxsize_mm': 3.0, 'flip_prob': 0.0, 'scaling_range': (0.85, 1.15),
+                       'rotation_range_deg': (-15.0, 15.0), 'translation_range_mm': (-20.0, 20.0),
+                       'strip_prob': 0.5, 'fov_prob': 0.05})
+    if task == 'synthmorph_deform':
+        # 2 mm voxels, 64^3 (128 mm) crops of roughly affine-aligned pairs with large nonlinear
+        # differences (8 mm SVF std per image); 30 % random shapes
+        return TrainConfig(
+            **common, task=task, shape=(64, 64, 64), learning_rate=5e-4, val_every=200,
+            task_options={'net': {'features': [16, 32, 32, 32], 'hyper_units': 32},
+                          'shapes_prob': 0.3, 'shapes_maps': 8, 'lambda_range': (0.0, 1.0),
+                          'int_steps': 5, 'coord_weight': 0.02, 'same_contrast_prob': 0.5,
+                          'same_contrast_disp_vox': 3.0},
+            generator={'voxsize_mm': 2.0, 'flip_prob': 0.0, 'scaling_range': (0.95, 1.05),
+                       'rotation_range_deg': (-4.0, 4.0), 'translation_range_mm': (-4.0, 4.0),
+                       'shearing_range': (-0.01, 0.01), 'nonlin_std_mm': 8.0,
+                       'strip_prob': 0.5})
     raise ValueError('unknown task %r (known: %s)' % (task, ', '.join(TASKS)))

@@ -81,3 +81,33 @@ def gaussian_matrix(n, sigma):
 def hat(x):
     """Linear interpolation kernel max(0, 1 - |x|)."""
     return ops.relu(1 - ops.abs(x))
+
+
+def sample_linear(vol, coords, fill=0):
+    """Trilinear sampling of all channels of ``vol`` (B, X, Y, Z, C) at once at voxel
+    ``coords`` (B, ..., 3) -> (B, ..., C): eight gathers of whole voxel rows instead of eight per
+    channel, much faster than :func:`sample` for many channels (one-hot labels). Each corner
+    outside the grid contributes ``fill``, as in :func:`sample`."""
+    shape = vol.shape[1:4]
+    b, c = vol.shape[0], vol.shape[-1]
+    out_shape = coords.shape[1:-1]
+    flat = ops.reshape(vol, (b, -1, c))
+    pts = ops.reshape(coords, (b, -1, 3))
+    lo = ops.floor(pts)
+    frac = pts - lo
+    lo = ops.cast(lo, 'int32')
+    strides = (shape[1] * shape[2], shape[2], 1)
+    result = 0
+    for corner in range(8):
+        bits = [(corner >> (2 - a)) & 1 for a in range(3)]
+        w, idx, valid = 1.0, 0, True
+        for a in range(3):
+            i = lo[..., a] + bits[a]
+            w = w * (frac[..., a] if bits[a] else 1 - frac[..., a])
+            ok = ops.logical_and(i >= 0, i <= shape[a] - 1)
+            valid = ok if valid is True else ops.logical_and(valid, ok)
+            idx = idx + ops.clip(i, 0, shape[a] - 1) * strides[a]
+        vals = ops.stack([ops.take(flat[k], idx[k], axis=0) for k in range(b)])
+        vals = ops.where(valid[..., None], vals, ops.cast(fill, vals.dtype))
+        result = result + w[..., None] * vals
+    return ops.reshape(result, (b, *out_shape, c))

@@ -22,13 +22,24 @@ PROG = 'mri_synthmorph'
 MODELS = {'joint': ('synthmorph_affine', 'synthmorph_deform'),
           'deform': ('synthmorph_deform',),
           'affine': ('synthmorph_affine',),
-          'rigid': ('synthmorph_rigid',)}
+          'rigid': ('synthmorph_affine',)}
 
 REGISTER = """\
-Align a moving image to a fixed image. The affine networks predict a matrix from corresponding
-features of both scans; the deformable network predicts a stationary velocity field integrated
-by scaling and squaring, smoother for larger -r. Transforms are saved as a matrix (.lta or
-.txt) for rigid and affine models and as a displacement field image otherwise."""
+Align a moving image to a fixed image, of any contrast and resolution, skull-stripped or not.
+
+  affine   a network finds corresponding feature points in both scans (their barycentres);
+           the affine matrix is fitted to them by weighted least squares, symmetrically, so
+           swapping moving and fixed gives the inverse
+  rigid    the same feature points, fitted with a rotation and translation only
+  deform   a network predicts a stationary velocity field from both scans (assumed already
+           affinely aligned, or aligned by -i), integrated by scaling and squaring (-n steps);
+           symmetric: the inverse is the integral of the negated field. Smoother for larger -r
+  joint    affine, then deform (the default)
+
+Transforms (-t, -T) are saved as FreeSurfer LTA matrices (.lta) for rigid and affine, and as
+displacement field images in world RAS mm on the fixed grid (.nii.gz, .mgz, ...) for deform
+and joint; a matrix may also be saved as a displacement image. 'apply' reads both, as do
+FreeSurfer's tools for LTAs."""
 
 APPLY = """\
 Resample each input image through a transform saved by 'register' (-t or -T), or by FreeSurfer
@@ -49,9 +60,15 @@ contrast, a label map with -m nearest) is placed by its own vox2ras matrix. Mult
 are resampled frame by frame. Outputs never replace an input."""
 
 EPILOG = """\
-Note: the trained models that 'register' needs are not yet shipped in this release of SynthKit;
-'register' checks its arguments and inputs, then exits with status 1 without writing anything.
-'apply' needs no model."""
+Models: models/synthmorph_affine (affine, rigid) and models/synthmorph_deform, each with a model
+card; -w gives other weights. 'apply' needs no model."""
+
+REGISTER_EPILOG = """\
+Note: the trained models are not yet shipped in this release of SynthKit: the work-in-progress
+weights in models/wip/ do not yet register real scans well (see their model cards), so
+'register' looks for models/synthmorph_affine and models/synthmorph_deform and, without them,
+exits with status 1 ("model not yet available") without writing anything. '-w' runs it with
+other weights, e.g. -w models/wip/synthmorph_affine.weights.h5."""
 
 
 def build_parser():
@@ -61,7 +78,7 @@ def build_parser():
     sub = p.add_subparsers(dest='command', required=True, metavar='{register,apply}')
 
     r = sub.add_parser('register', help='register two images', description=REGISTER,
-                       epilog=common.MODEL_NOT_SHIPPED, formatter_class=raw)
+                       epilog=REGISTER_EPILOG, formatter_class=raw)
     r.add_argument('moving', help='moving input image')
     r.add_argument('fixed', help='fixed input image')
     r.add_argument('-m', '--model', choices=tuple(MODELS), default='joint',
@@ -127,6 +144,14 @@ def check_register(args):
         return '-n must be at least 5'
     if args.weights and len(args.weights) != len(MODELS[args.model]):
         return '-w: model %s needs %d weight file(s)' % (args.model, len(MODELS[args.model]))
+    deformable = args.model in ('deform', 'joint')
+    for flag, path in (('-t', args.trans), ('-T', args.inverse)):
+        if path and deformable and path.lower().endswith('.lta'):
+            return '%s: a %s transform is a displacement field: give an image path (%s), not ' \
+                   '.lta' % (flag, args.model, ', '.join(io.SUPPORTED))
+        if path and not deformable and not path.lower().endswith(('.lta',) + io.SUPPORTED):
+            return '%s: save a matrix as .lta (or a displacement image: %s)' \
+                   % (flag, ', '.join(io.SUPPORTED))
     return None
 
 
@@ -136,11 +161,100 @@ def check_apply(args):
     return None
 
 
+def _single_frame(vol):
+    data = vol.data
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise io.VolumeError(vol.path, 'register needs a single-frame 3-D image, got shape %s'
+                             % (vol.data.shape,))
+    return data
+
+
 def register(args):
+    import time
     common.require_inputs(args.moving, args.fixed, args.init)
-    for name, path in zip(MODELS[args.model], args.weights or [None] * len(MODELS[args.model])):
-        common.find_model(name, path)
-    raise common.ToolError('not yet implemented: %s registration with SynthMorph' % args.model)
+    names = MODELS[args.model]
+    found = [common.find_model(name, path)
+             for name, path in zip(names, args.weights or [None] * len(names))]
+    mov = io.load_volume(args.moving)
+    fix = io.load_volume(args.fixed)
+    mdata, fdata = _single_frame(mov), _single_frame(fix)
+    outputs = [p for p in (args.out_moving, args.out_fixed) if p]
+    for path in outputs:
+        io.check_writable(path)
+    for path in (args.trans, args.inverse):
+        if path:
+            io.check_writable(path, ('.lta',) + io.SUPPORTED)
+    reals = [os.path.realpath(p) for p in outputs + [args.trans, args.inverse] if p]
+    if len(set(reals)) != len(reals):
+        raise common.ToolError('the same output path is given twice')
+    init = np.eye(4)
+    if args.init:
+        t = transforms.load_transform(args.init)
+        if t.is_warp:
+            raise common.ToolError('%s: -i needs a matrix transform (.lta)' % args.init)
+        init = t.matrix
+    if args.threads:
+        common.set_threads(args.threads)
+    if not args.gpu:
+        common.hide_gpus()
+
+    from .. import morph
+    say = (lambda msg: print('%s: %s' % (PROG, msg), flush=True)) if args.verbose \
+        else (lambda msg: None)
+    t0 = time.time()
+    affine_model = found[0] if args.model != 'deform' else None
+    deform_model = found[-1] if args.model in ('deform', 'joint') else None
+    reg = morph.Registrar(affine_model, deform_model, extent_mm=args.extent)
+    say('models loaded (%.1f s)' % (time.time() - t0))
+
+    matrix = init
+    if affine_model is not None:
+        step = reg.affine((mdata, init @ mov.affine), (fdata, fix.affine),
+                          rigid=args.model == 'rigid')
+        matrix = step @ init
+        say('%s matrix found (%.1f s)' % ('rigid' if args.model == 'rigid' else 'affine',
+                                          time.time() - t0))
+    src, dst = transforms.Geometry.of(mov), transforms.Geometry.of(fix)
+    if deform_model is None:
+        fwd = transforms.Transform(matrix=matrix, source=src, target=dst)
+        inv = fwd.inverse()
+    else:
+        vel, shape, grid = reg.velocity((mdata, mov.affine), (fdata, fix.affine), matrix,
+                                        args.regularization)
+        u, u_inv = reg.displacements(vel, shape, args.steps,
+                                     inverse=bool(args.inverse or args.out_fixed))
+        say('deformation found on a %s grid (%.1f s)' % ('x'.join(map(str, shape)),
+                                                         time.time() - t0))
+        fwd = transforms.Transform(
+            disp=morph.warp_to_world(u, grid, dst.shape, dst.affine, post=np.linalg.inv(matrix)),
+            source=src, target=dst)
+        inv = None
+        if args.inverse or args.out_fixed:
+            inv = transforms.Transform(
+                disp=morph.warp_to_world(u_inv, grid, src.shape, src.affine, pre=matrix),
+                source=dst, target=src)
+
+    for trans, path in ((fwd, args.trans), (inv, args.inverse)):
+        if not path:
+            continue
+        if path.lower().endswith('.lta'):
+            transforms.write_lta(trans, path)
+        else:
+            transforms.write_warp(trans, path)
+    for trans, vol, path in ((fwd, mov, args.out_moving), (inv, fix, args.out_fixed)):
+        if not path:
+            continue
+        if args.header_only:
+            data, affine = transforms.header_only(trans, vol)
+        else:
+            data, affine = transforms.apply(trans, vol, method='linear',
+                                            dtype=np.float32 if vol.data.dtype.kind == 'f'
+                                            else None)
+        io.save_volume(data, affine, path, like=vol)
+    say('done (%.1f s)' % (time.time() - t0))
+    return 0
 
 
 def apply(args):

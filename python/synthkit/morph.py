@@ -1,0 +1,504 @@
+"""SynthMorph networks: contrast-agnostic affine and deformable registration.
+
+Two models, both trained only on synthetic pairs (two images of one label map with independent
+deformations and contrasts, :func:`synthkit.generator.registration_pair`):
+
+- **Affine** (:func:`feature_net` + :func:`barycenters` + :func:`fit_symmetric`): one small
+  network, applied to each image separately, outputs ``K`` non-negative feature maps. The
+  barycentre of each map is a point of the image; the barycentres of the moving image are matched
+  to those of the fixed image by weighted least squares (weights: the maps' masses, the same for
+  both orders). The fit is symmetric: both point sets are fitted to their midpoints and the
+  transform is composed from the two fits, so swapping the inputs gives exactly the inverse.
+  Rigid registration fits a rotation and translation to the same points (weighted Procrustes).
+  Trained with a soft-Dice loss of the brain labels moved by the fitted transform.
+- **Deformable** (:func:`velocity_net`): a U-Net that sees both images (after the affine) and
+  predicts a stationary velocity field at half resolution, integrated by scaling and squaring.
+  Its features are modulated by the regularization weight ``lambda`` (FiLM conditioning: each
+  conv block's features are scaled and shifted by a small network of ``lambda``), so one model
+  gives smoother or sharper warps at run time (``-r``). Trained with
+  ``(1 - lambda) * (1 - Dice) + lambda * |grad v|^2`` on brain label maps and random-shapes label
+  maps. Inference symmetrizes: ``v = (f(m, x) - f(x, m)) / 2``, so the inverse is ``exp(-v)``.
+
+Coordinates: inside the networks, points are voxel coordinates centred on the grid of each
+image (``x - (n - 1) / 2``); the affine maps *fixed* centred coordinates to *moving* ones (where
+to sample the moving image for each fixed voxel), displacements are in voxels of the fixed grid
+(neurite's convention).
+"""
+
+import keras
+import numpy as np
+from keras import layers, ops
+
+from . import layers as sk_layers
+from .layers import utils
+
+
+# ------------------------------------------------------------------------------------ affine
+def feature_net(features=(16, 32, 32, 32), out_features=32, out_level=1, name='affine_features'):
+    """(B, X, Y, Z, 1) -> (B, X / 2**out_level, ..., out_features) non-negative feature maps.
+
+    An encoder (two 3x3x3 convolutions per level, max pooling between levels) and a decoder with
+    skip connections back up to level ``out_level``.
+    """
+    inp = keras.Input((None, None, None, 1), name='image')
+    x, skips = inp, []
+    for level, f in enumerate(features):
+        for i in range(2):
+            x = layers.Conv3D(f, 3, padding='same', name='enc%d_conv%d' % (level, i))(x)
+            x = layers.LeakyReLU(0.2, name='enc%d_act%d' % (level, i))(x)
+        if level < len(features) - 1:
+            skips.append(x)
+            x = layers.MaxPooling3D(2, name='pool%d' % level)(x)
+    for level in reversed(range(out_level, len(features) - 1)):
+        x = layers.UpSampling3D(2, name='up%d' % level)(x)
+        x = layers.Concatenate(name='skip%d' % level)([x, skips[level]])
+        x = layers.Conv3D(features[level], 3, padding='same', name='dec%d_conv' % level)(x)
+        x = layers.LeakyReLU(0.2, name='dec%d_act' % level)(x)
+    out = layers.Conv3D(out_features, 3, padding='same', activation='relu', name='features')(x)
+    return keras.Model(inp, out, name=name)
+
+
+def barycenters(feat, in_shape, eps=1e-6):
+    """Barycentres (B, K, 3) of feature maps (B, x, y, z, K) in centred voxel coordinates of the
+    input grid ``in_shape`` (the maps cover it at a lower resolution), and masses (B, K) (each
+    map's mean value)."""
+    shape = feat.shape[1:4]
+    factor = [n_in / n for n_in, n in zip(in_shape, shape)]
+    axes = [(np.arange(n, dtype=np.float32) + 0.5) * f - 0.5 - (n_in - 1) / 2
+            for n, f, n_in in zip(shape, factor, in_shape)]
+    grid = np.stack(np.meshgrid(*axes, indexing='ij'), -1).reshape(-1, 3)
+    flat = ops.reshape(feat, (-1, int(np.prod(shape)), feat.shape[-1]))      # (B, N, K)
+    mass = ops.sum(flat, axis=1)                                              # (B, K)
+    centers = ops.einsum('bnk,nd->bkd', flat, ops.convert_to_tensor(grid))
+    centers = centers / (mass[..., None] + eps)
+    return centers, mass / float(np.prod(shape))
+
+
+def _homogeneous(points):
+    return ops.concatenate([points, ops.ones_like(points[..., :1])], axis=-1)
+
+
+def fit_affine(src, dst, weights, ridge=1e-3):
+    """Weighted least-squares affine (B, 4, 4) mapping points ``src`` (B, K, 3) to ``dst``.
+
+    A small ridge pulls the linear part towards the identity when the points are degenerate."""
+    x = _homogeneous(src)                                                     # (B, K, 4)
+    w = weights / (ops.sum(weights, axis=-1, keepdims=True) + 1e-12)
+    xtw = ops.transpose(x * w[..., None], (0, 2, 1))                          # (B, 4, K)
+    a = ops.matmul(xtw, x) + ridge * ops.eye(4)[None]
+    b = ops.matmul(xtw, _homogeneous(dst)) + ridge * ops.eye(4)[None]
+    beta = ops.solve(a, b)                                                    # (B, 4, 4): x @ beta
+    return ops.transpose(beta, (0, 2, 1))
+
+
+def fit_symmetric(moving_pts, fixed_pts, weights):
+    """Affine (B, 4, 4) from fixed to moving centred coordinates, symmetric in the inputs:
+    both sets are fitted to their midpoints, ``T = inv(A_moving) @ A_fixed``."""
+    mid = (moving_pts + fixed_pts) / 2
+    a_m = fit_affine(moving_pts, mid, weights)
+    a_f = fit_affine(fixed_pts, mid, weights)
+    return ops.matmul(ops.inv(a_m), a_f)
+
+
+def fit_rigid(src, dst, weights):
+    """Weighted Procrustes (numpy): the rotation + translation (4, 4) that best maps points
+    ``src`` (K, 3) to ``dst``. Exactly symmetric: swapping the sets gives the inverse."""
+    w = np.asarray(weights, np.float64)
+    w = w / max(w.sum(), 1e-12)
+    src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
+    cs, cd = w @ src, w @ dst
+    h = ((src - cs) * w[:, None]).T @ (dst - cd)
+    u, _, vt = np.linalg.svd(h)
+    d = np.sign(np.linalg.det(vt.T @ u.T))
+    rot = vt.T @ np.diag([1, 1, d]) @ u.T
+    out = np.eye(4)
+    out[:3, :3] = rot
+    out[:3, 3] = cd - rot @ cs
+    return out
+
+
+def grid_points(shape):
+    """Centred voxel coordinates of a grid, (X, Y, Z, 3) float32 tensor."""
+    return utils.volume_grid(shape, center=True)
+
+
+def sample_affine(vol, matrix, out_shape, interp='linear'):
+    """Sample ``vol`` (B, X, Y, Z, C) at ``matrix`` (B, 4, 4) applied to the centred voxel
+    coordinates of an ``out_shape`` grid (centred coordinates of ``vol`` out)."""
+    y = grid_points(out_shape)[None]
+    lin, trans = matrix[:, :3, :3], matrix[:, :3, 3]
+    x = ops.einsum('bij,bxyzj->bxyzi', lin, y) + ops.reshape(trans, (-1, 1, 1, 1, 3))
+    center = np.array([(n - 1) / 2 for n in vol.shape[1:4]], np.float32)
+    coords = x + ops.convert_to_tensor(center)
+    if interp == 'linear':
+        return utils.sample_linear(vol, coords, 0)
+    return utils.sample(vol, coords, interp, 0)
+
+
+class SymmetricFit(keras.layers.Layer):
+    """[moving features, fixed features (B, x, y, z, K)] -> (B, 4, 4) symmetric affine from fixed
+    to moving centred voxel coordinates; ``moving_shape`` / ``fixed_shape`` are the input grids
+    the features cover."""
+
+    def __init__(self, moving_shape, fixed_shape, **kwargs):
+        super().__init__(**kwargs)
+        self.moving_shape = tuple(int(n) for n in moving_shape)
+        self.fixed_shape = tuple(int(n) for n in fixed_shape)
+
+    def call(self, inputs):
+        fm, ff = inputs
+        pm, wm = barycenters(fm, self.moving_shape)
+        pf, wf = barycenters(ff, self.fixed_shape)
+        return fit_symmetric(pm, pf, ops.sqrt(wm * wf + 1e-12))
+
+    def get_config(self):
+        return {**super().get_config(), 'moving_shape': self.moving_shape,
+                'fixed_shape': self.fixed_shape}
+
+
+def dice_loss(a, b, eps=1e-5):
+    """1 - mean soft Dice over the channels present in either of ``a`` and ``b``
+    (B, X, Y, Z, C) one-hot or soft maps; (B,)."""
+    inter = ops.sum(a * b, axis=(1, 2, 3))
+    size = ops.sum(a + b, axis=(1, 2, 3))
+    present = ops.cast(size > 0.5, 'float32')
+    dice = (2 * inter + eps) / (size + eps)
+    return 1 - ops.sum(dice * present, axis=-1) / (ops.sum(present, axis=-1) + 1e-6)
+
+
+def coordinate_error(moving_coords, fixed_coords, fixed_labels, points):
+    """Mean squared distance (B,) between the source point of each labelled fixed voxel
+    (``fixed_labels`` channel 0 is background) and that of the moving voxel at ``points`` (B,
+    *shape, 3) in moving voxels; voxels mapped outside the moving grid are left out."""
+    ones = ops.ones_like(moving_coords[..., :1])
+    moved = utils.sample_linear(ops.concatenate([moving_coords, ones], -1), points, 0)
+    w = ops.cast(moved[..., 3] > 0.999, 'float32') * (1 - fixed_labels[..., 0])
+    err = ops.sum(ops.square(moved[..., :3] - fixed_coords), axis=-1)
+    return ops.sum(w * err, axis=(1, 2, 3)) / (ops.sum(w, axis=(1, 2, 3)) + 1)
+
+
+def affine_points(matrix, shape, src_shape):
+    """Voxel coordinates in a ``src_shape`` grid of the ``shape`` grid's voxels under ``matrix``
+    (B, 4, 4) acting on centred coordinates."""
+    y = grid_points(shape)[None]
+    lin, trans = matrix[:, :3, :3], matrix[:, :3, 3]
+    x = ops.einsum('bij,bxyzj->bxyzi', lin, y) + ops.reshape(trans, (-1, 1, 1, 1, 3))
+    center = np.array([(n - 1) / 2 for n in src_shape], np.float32)
+    return x + ops.convert_to_tensor(center)
+
+
+class AffineLoss(keras.layers.Layer):
+    """[moving labels, fixed labels (B, X, Y, Z, C), affine (B, 4, 4), and optionally the
+    source coordinates of both images (B, X, Y, Z, 3)] -> 1 - soft Dice of the moving labels
+    resampled by the affine onto the fixed grid, + ``coord_weight`` x the mean squared distance
+    of corresponding source points (:func:`coordinate_error`) (B,)."""
+
+    def __init__(self, coord_weight=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.coord_weight = float(coord_weight)
+
+    def call(self, inputs):
+        lm, lf, mat = inputs[:3]
+        points = affine_points(mat, lf.shape[1:4], lm.shape[1:4])
+        loss = dice_loss(utils.sample_linear(lm, points, 0), lf)
+        if self.coord_weight and len(inputs) == 5:
+            loss = loss + self.coord_weight * coordinate_error(inputs[3], inputs[4], lf, points)
+        return loss
+
+    def get_config(self):
+        return {**super().get_config(), 'coord_weight': self.coord_weight}
+
+
+def affine_training_model(features, shape, n_labels, coord_weight=0.0):
+    """Inputs: moving, fixed (1, *shape, 1), their one-hot labels (1, *shape, n_labels) and, with
+    ``coord_weight``, their source coordinates (1, *shape, 3); output: the loss per example."""
+    moving = keras.Input((*shape, 1), name='moving', batch_size=1)
+    fixed = keras.Input((*shape, 1), name='fixed', batch_size=1)
+    lm = keras.Input((*shape, n_labels), name='moving_labels', batch_size=1)
+    lf = keras.Input((*shape, n_labels), name='fixed_labels', batch_size=1)
+    inputs = [moving, fixed, lm, lf]
+    if coord_weight:
+        inputs += [keras.Input((*shape, 3), name='moving_coords', batch_size=1),
+                   keras.Input((*shape, 3), name='fixed_coords', batch_size=1)]
+    mat = SymmetricFit(shape, shape, name='fit')([features(moving), features(fixed)])
+    loss = AffineLoss(coord_weight, name='affine_loss')([lm, lf, mat] + inputs[4:])
+    return keras.Model(inputs, loss, name='synthmorph_affine_train')
+
+
+# -------------------------------------------------------------------------------- deformable
+class FiLM(keras.layers.Layer):
+    """Scale and shift features (B, X, Y, Z, F) by ``(1 + gamma, beta)`` (B, 2F) of lambda."""
+
+    def call(self, inputs):
+        x, gb = inputs
+        f = x.shape[-1]
+        gamma = ops.reshape(gb[:, :f], (-1, 1, 1, 1, f))
+        beta = ops.reshape(gb[:, f:], (-1, 1, 1, 1, f))
+        return x * (1 + gamma) + beta
+
+
+def velocity_net(features=(16, 32, 32, 32), hyper_units=32, name='deform_velocity'):
+    """[pair (B, X, Y, Z, 2), lambda (B, 1)] -> velocity (B, X/2, Y/2, Z/2, 3) in voxels of the
+    half-resolution grid. A U-Net whose decoder stops one level short of the input resolution;
+    every conv block is FiLM-modulated by a small MLP of lambda."""
+    pair = keras.Input((None, None, None, 2), name='pair')
+    lam = keras.Input((1,), name='lambda')
+    h = layers.Dense(hyper_units, activation='relu', name='hyper0')(lam)
+    h = layers.Dense(hyper_units, activation='relu', name='hyper1')(h)
+
+    def block(x, f, name, n=2):
+        for i in range(n):
+            x = layers.Conv3D(f, 3, padding='same', name='%s_conv%d' % (name, i))(x)
+            x = layers.LeakyReLU(0.2, name='%s_act%d' % (name, i))(x)
+        gb = layers.Dense(2 * f, kernel_initializer='zeros', name='%s_film' % name)(h)
+        return FiLM(name='%s_mod' % name)([x, gb])
+
+    x, skips = pair, []
+    for level, f in enumerate(features):
+        x = block(x, f, 'enc%d' % level)
+        if level < len(features) - 1:
+            skips.append(x)
+            x = layers.MaxPooling3D(2, name='pool%d' % level)(x)
+    for level in reversed(range(1, len(features) - 1)):
+        x = layers.UpSampling3D(2, name='up%d' % level)(x)
+        x = layers.Concatenate(name='skip%d' % level)([x, skips[level]])
+        x = block(x, features[level], 'dec%d' % level)
+    init = keras.initializers.RandomNormal(stddev=1e-5)
+    vel = layers.Conv3D(3, 3, padding='same', kernel_initializer=init, name='velocity')(x)
+    return keras.Model([pair, lam], vel, name=name)
+
+
+def gradient_l2(field):
+    """Mean squared forward difference of a field (B, X, Y, Z, C); (B,)."""
+    out = 0
+    for ax in (1, 2, 3):
+        n = field.shape[ax]
+        d = ops.take(field, ops.arange(1, n), axis=ax) - ops.take(field, ops.arange(0, n - 1),
+                                                                   axis=ax)
+        out = out + ops.mean(ops.square(d), axis=(1, 2, 3, 4))
+    return out / 3
+
+
+class DeformLoss(keras.layers.Layer):
+    """[velocity (B, x, y, z, 3) half-res, moving labels, fixed labels (B, *shape, C), lambda
+    (B, 1), and optionally the source coordinates (B, *shape, 3) of both images] -> the loss
+    ``(1 - lambda) * (1 - Dice + coord_weight * E) + lambda * |grad v|^2`` (B,).
+
+    ``E`` is the mean squared distance (source mm) between the source point of each labelled
+    fixed voxel and that of the moving voxel it is mapped to: both synthetic images are drawn
+    from one label map, so the generator knows where every voxel came from, and this dense
+    correspondence teaches far faster than label overlap alone (labels have edges only)."""
+
+    def __init__(self, shape, steps=5, coord_weight=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.shape, self.steps = tuple(int(n) for n in shape), steps
+        self.coord_weight = float(coord_weight)
+        self.integrate = sk_layers.IntegrateVelocity(steps)
+        self.resize = sk_layers.ResizeField(self.shape)
+
+    def build(self, input_shape):
+        self.built = True    # no weights; the sub-layers build on first call
+
+    def call(self, inputs):
+        vel, lm, lf, lam = inputs[:4]
+        disp = self.resize(self.integrate(vel))
+        points = utils.volume_grid(self.shape)[None] + disp
+        moved = utils.sample_linear(lm, points, 0)
+        lam = lam[:, 0]
+        sim = dice_loss(moved, lf)
+        if self.coord_weight and len(inputs) == 6:
+            sim = sim + self.coord_weight * coordinate_error(inputs[4], inputs[5], lf, points)
+        return (1 - lam) * sim + lam * gradient_l2(vel)
+
+    def get_config(self):
+        return {**super().get_config(), 'shape': self.shape, 'steps': self.steps,
+                'coord_weight': self.coord_weight}
+
+
+def deform_training_model(net, shape, n_labels, steps=5, coord_weight=0.0):
+    """Inputs: moving, fixed (1, *shape, 1), their one-hot labels (1, *shape, n_labels), lambda
+    (1, 1) and, with ``coord_weight``, their source coordinates (1, *shape, 3); output: the loss
+    per example."""
+    moving = keras.Input((*shape, 1), name='moving', batch_size=1)
+    fixed = keras.Input((*shape, 1), name='fixed', batch_size=1)
+    lm = keras.Input((*shape, n_labels), name='moving_labels', batch_size=1)
+    lf = keras.Input((*shape, n_labels), name='fixed_labels', batch_size=1)
+    lam = keras.Input((1,), name='lambda', batch_size=1)
+    inputs = [moving, fixed, lm, lf, lam]
+    if coord_weight:
+        inputs += [keras.Input((*shape, 3), name='moving_coords', batch_size=1),
+                   keras.Input((*shape, 3), name='fixed_coords', batch_size=1)]
+    pair = layers.Concatenate(name='pair')([moving, fixed])
+    vel = net([pair, lam])
+    loss = DeformLoss(shape, steps, coord_weight, name='deform_loss')([vel] + inputs[2:])
+    return keras.Model(inputs, loss, name='synthmorph_deform_train')
+
+
+def mean_output(y_true, y_pred):
+    """Keras loss that is the model's output itself (the models above compute their loss)."""
+    return ops.mean(y_pred)
+
+
+CUSTOM_OBJECTS = {'SymmetricFit': SymmetricFit, 'AffineLoss': AffineLoss,
+                  'FiLM': FiLM, 'DeformLoss': DeformLoss, 'mean_output': mean_output}
+
+
+def integrate(vel, shape, steps=5):
+    """Displacement (B, *shape, 3) in voxels of the ``shape`` grid from a half-resolution
+    velocity (B, x, y, z, 3): scaling and squaring, then linear upsampling."""
+    disp = sk_layers.IntegrateVelocity(steps)(ops.convert_to_tensor(vel))
+    return sk_layers.ResizeField(tuple(shape))(disp)
+
+
+def warp_labels(onehot, disp):
+    """One-hot or soft labels (B, X, Y, Z, C) warped by ``disp`` (B, X, Y, Z, 3), trilinear."""
+    shape = onehot.shape[1:4]
+    return utils.sample_linear(ops.convert_to_tensor(onehot),
+                               utils.volume_grid(shape)[None] + disp, 0)
+
+
+# --------------------------------------------------------------------------------- inference
+def build_network(card):
+    """The network a SynthMorph model card describes (weights not loaded)."""
+    arch = {k: v for k, v in card['architecture'].items() if k != 'type'}
+    kind = card['architecture']['type']
+    if kind == 'affine_features':
+        return feature_net(**arch)
+    if kind == 'deform_velocity':
+        return velocity_net(**arch)
+    raise ValueError('not a SynthMorph model card (architecture %r)' % kind)
+
+
+def _predict(model, inputs):
+    """Run ``model`` once on the CPU/GPU, compiled on TensorFlow (half the memory, faster)."""
+    import keras as _k
+    if _k.backend.backend() == 'tensorflow':
+        import tensorflow as tf
+        fn = getattr(model, '_synthkit_fn', None)
+        if fn is None:
+            fn = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+            model._synthkit_fn = fn
+        return np.asarray(fn(inputs))
+    return np.asarray(model(inputs, training=False))
+
+
+def _homog(points):
+    return np.concatenate([points, np.ones(points.shape[:-1] + (1,))], -1)
+
+
+def _fit_affine_np(src, dst, w, ridge=1e-6):
+    w = w / max(w.sum(), 1e-12)
+    x = _homog(src)
+    a = (x * w[:, None]).T @ x + ridge * np.eye(4)
+    b = (x * w[:, None]).T @ _homog(dst) + ridge * np.eye(4)
+    return np.linalg.solve(a, b).T
+
+
+class Registrar:
+    """Registration of two scans with the shipped SynthMorph networks.
+
+    ``affine_model`` / ``deform_model`` are ``(weights path, model card)`` pairs (either may be
+    None when the mode does not need it). All matrices are world RAS mm, moving -> fixed
+    (FreeSurfer's direction, :mod:`synthkit.transforms`).
+    """
+
+    def __init__(self, affine_model=None, deform_model=None, extent_mm=256.0):
+        self.affine_net = self.deform_net = None
+        self.extent = float(extent_mm)
+        if affine_model is not None:
+            weights, self.affine_card = affine_model
+            self.affine_net = build_network(self.affine_card)
+            self.affine_net.load_weights(weights)
+        if deform_model is not None:
+            weights, self.deform_card = deform_model
+            self.deform_net = build_network(self.deform_card)
+            self.deform_net.load_weights(weights)
+
+    # ----------------------------------------------------------------------------- affine
+    def _points(self, data, affine):
+        """World barycentres (K, 3) and masses (K,) of one image's feature maps."""
+        from . import io
+        vox = float(self.affine_card['input']['voxsize_mm'])
+        shape, grid = io.conform_grid(data.shape, affine, vox, 'LIA', multiple=16)
+        limit = int(self.extent // vox) // 16 * 16
+        if max(shape) > limit:
+            shape, grid = io.conform_grid(data.shape, affine, vox, 'LIA', multiple=16,
+                                          crop=np.minimum(shape, limit))
+        img = io.resample(io.rescale_intensities(data), affine, shape, grid, 'linear')
+        feat = _predict(self.affine_net, img[None, ..., None])
+        pts, mass = barycenters(feat, shape)
+        pts = np.asarray(pts, np.float64)[0] + (np.asarray(shape) - 1) / 2   # grid voxels
+        return (grid[:3, :3] @ pts.T + grid[:3, 3:]).T, np.asarray(mass, np.float64)[0]
+
+    def affine(self, moving, fixed, rigid=False):
+        """4x4 RAS matrix moving -> fixed from ``(data, affine)`` pairs (3-D arrays). Symmetric:
+        swapping the inputs gives the inverse matrix (exactly, up to rounding)."""
+        pm, wm = self._points(*moving)
+        pf, wf = self._points(*fixed)
+        w = np.sqrt(wm * wf) + 1e-12
+        if rigid:
+            fixed_to_moving = fit_rigid(pf, pm, w)
+        else:
+            mid = (pm + pf) / 2
+            fixed_to_moving = np.linalg.inv(_fit_affine_np(pm, mid, w)) @ \
+                _fit_affine_np(pf, mid, w)
+        return np.linalg.inv(fixed_to_moving)
+
+    # ------------------------------------------------------------------------- deformable
+    def deform_grid(self, fixed_shape, fixed_affine):
+        """(shape, affine) of the grid the deformable network runs on: the fixed image's field
+        of view (at most ``extent`` mm per axis) in LIA voxels of the model's size."""
+        from . import io
+        vox = float(self.deform_card['input']['voxsize_mm'])
+        shape, grid = io.conform_grid(fixed_shape, fixed_affine, vox, 'LIA', multiple=16)
+        limit = int(self.extent // vox) // 16 * 16
+        if max(shape) > limit:
+            shape, grid = io.conform_grid(fixed_shape, fixed_affine, vox, 'LIA', multiple=16,
+                                          crop=np.minimum(shape, limit))
+        return shape, grid
+
+    def velocity(self, moving, fixed, matrix, lam=0.5):
+        """Symmetric velocity field on the half-resolution deformable grid, and that grid.
+
+        The moving image is resampled onto the fixed image's network grid through ``matrix``
+        (moving -> fixed RAS) first; the field maps that grid to itself, in its voxels."""
+        from . import io
+        shape, grid = self.deform_grid(fixed[0].shape, fixed[1])
+        f = io.resample(io.rescale_intensities(fixed[0]), fixed[1], shape, grid, 'linear')
+        m = io.resample(io.rescale_intensities(moving[0]), matrix @ moving[1], shape, grid,
+                        'linear')
+        lam = np.array([[lam]], np.float32)
+        v1 = _predict(self.deform_net, [np.stack([m, f], -1)[None], lam])
+        v2 = _predict(self.deform_net, [np.stack([f, m], -1)[None], lam])
+        return (v1 - v2) / 2, shape, grid
+
+    def displacements(self, vel, shape, steps=7, inverse=True):
+        """Forward and (if ``inverse``, else None) inverse displacement fields (X, Y, Z, 3) on
+        the network grid ``shape``, in its voxels: ``exp(v)`` and ``exp(-v)``."""
+        fwd = np.asarray(integrate(vel, shape, steps))[0]
+        inv = np.asarray(integrate(-vel, shape, steps))[0] if inverse else None
+        return fwd, inv
+
+
+def warp_to_world(disp_grid, grid_affine, target_shape, target_affine, pre=None, post=None):
+    """A displacement field on the network grid (voxels) as a RAS displacement image on a target
+    grid: for target voxel ``w`` at world ``q = target_affine @ w``, the network field is read at
+    ``p = pre @ q`` (``pre``: 4x4 world map into the network grid's world, default identity) and
+    the result is ``post @ (p + R u(p)) - q`` (``R``: the grid's voxel axes, ``post`` default
+    identity). Outside the network grid the field is zero (``pre``/``post`` still apply)."""
+    from . import io
+    pre = np.eye(4) if pre is None else pre
+    post = np.eye(4) if post is None else post
+    u = io.resample(disp_grid.astype(np.float32), grid_affine, target_shape,
+                    pre @ target_affine, 'linear')                     # (X, Y, Z, 3), voxels
+    # post @ (pre @ q + R u) - q = (post @ pre - I) @ A @ w + (post R) u: affine in the voxel
+    # index w (built axis by axis) plus a 3x3 map of the field
+    lin = ((post @ pre - np.eye(4)) @ target_affine).astype(np.float32)
+    out = u.reshape(-1, 3) @ (post[:3, :3] @ grid_affine[:3, :3]).T.astype(np.float32)
+    out = out.reshape(tuple(target_shape) + (3,))
+    axes = [np.arange(n, dtype=np.float32) for n in target_shape]
+    out += lin[:3, 3]
+    out += axes[0][:, None, None, None] * lin[:3, 0]
+    out += axes[1][None, :, None, None] * lin[:3, 1]
+    out += axes[2][None, None, :, None] * lin[:3, 2]
+    return out

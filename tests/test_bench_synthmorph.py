@@ -1,0 +1,94 @@
+"""The pure scoring functions of scripts/bench_synthmorph.py, on small synthetic arrays."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+_SPEC = importlib.util.spec_from_file_location(
+    'bench_synthmorph', Path(__file__).resolve().parents[1] / 'scripts' / 'bench_synthmorph.py')
+bench = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(bench)
+
+LIA = np.array([[-1., 0, 0, 80], [0, 0, 1, -112], [0, -1, 0, 96], [0, 0, 0, 1]])
+
+
+def test_structures_leave_out_background_and_csf():
+    assert 0 not in bench.STRUCTURES and 24 not in bench.STRUCTURES
+    assert {2, 3, 17, 41, 53, 60} <= set(bench.STRUCTURES)
+
+
+def test_label_dice_known_overlaps():
+    fixed = np.zeros((4, 4, 4), np.int16)
+    moved = np.zeros_like(fixed)
+    fixed[:2] = 2          # 32 voxels
+    moved[:1] = 2          # 16 voxels, all inside: Dice 2*16/48
+    fixed[3, :2] = 17      # 8 voxels, absent from moved: Dice 0
+    moved[3, 2:] = 41      # only in moved: not scored (absent from fixed)
+    fixed[2, 0, 0] = 24    # CSF: never scored
+    moved[2, 0, 0] = 24
+    d = bench.label_dice(moved, fixed)
+    assert set(d) == {2, 17}
+    assert d[2] == pytest.approx(2 * 16 / 48)
+    assert d[17] == 0
+    assert bench.label_dice(fixed, fixed) == {2: 1.0, 17: 1.0}
+
+
+def test_label_dice_shape_mismatch():
+    with pytest.raises(ValueError):
+        bench.label_dice(np.zeros((2, 2, 2)), np.zeros((2, 2, 3)))
+
+
+def test_zero_field_has_no_negative_jacobian():
+    disp = np.zeros((6, 7, 8, 3), np.float32)
+    det = bench.jacobian_determinant(disp, LIA)
+    assert det.shape == (6, 7, 8)
+    np.testing.assert_allclose(det, 1, atol=1e-6)
+    assert bench.neg_jacobian_percent(det) == 0
+
+
+def test_affine_field_determinant():
+    # disp(x) = (S - I) x in world coordinates: the determinant is det(S) everywhere, whatever
+    # the grid's orientation and voxel size
+    aff = LIA.copy()
+    aff[:3, :3] *= np.array([1.5, 1.0, 2.0])
+    s = np.array([[1.2, 0.1, 0.0], [0.0, 0.9, 0.2], [0.05, 0.0, 1.1]])
+    vox = np.stack(np.meshgrid(*[np.arange(n) for n in (5, 6, 7)], indexing='ij'), -1)
+    world = vox @ aff[:3, :3].T + aff[:3, 3]
+    disp = (world @ (s - np.eye(3)).T).astype(np.float32)
+    det = bench.jacobian_determinant(disp, aff)
+    np.testing.assert_allclose(det, np.linalg.det(s), rtol=1e-4)
+
+
+def test_folding_field_has_negative_jacobian():
+    # a displacement along x that falls by 3 mm per mm over the middle slabs folds space there
+    shape = (12, 5, 5)
+    disp = np.zeros(shape + (3,), np.float32)
+    x = np.arange(shape[0], dtype=np.float32)
+    disp[..., 0] = (-3 * np.clip(x - 4, 0, 3))[:, None, None]
+    eye = np.eye(4)
+    det = bench.jacobian_determinant(disp, eye)
+    assert det.min() < 0
+    pct = bench.neg_jacobian_percent(det)
+    assert 0 < pct < 100
+    mask = np.zeros(shape, bool)
+    mask[:3] = True            # away from the fold
+    assert bench.neg_jacobian_percent(det, mask) == 0
+    mask[5] = True             # one folded slab out of four
+    assert bench.neg_jacobian_percent(det, mask) == pytest.approx(25)
+
+
+def test_targets_need_complete_runs():
+    per = {2: 0.8}
+    full = {'n': 6, 'dice': 0.8, 'neg_jac': 0.01, 'neg_jac_max': 0.05, 'seconds': 10.0,
+            'per_label': per}
+    summ = {'synthmorph-joint': full,
+            'synthmorph-affine': {**full, 'dice': 0.7},
+            'ants-syn': {**full, 'dice': 0.81, 'seconds': 200.0}}
+    got = {name: met for name, _, met in bench.targets(summ, 6)}
+    assert all(got.values()) and len(got) == 5
+    summ['ants-syn'] = {**summ['ants-syn'], 'n': 5, 'seconds': 50.0}
+    got = {name: met for name, _, met in bench.targets(summ, 6)}
+    assert got['>= 10x the speed of ANTs SyN'] is None
+    assert got['deformable Dice >= 0.75'] is True

@@ -1,0 +1,329 @@
+"""SynthMorph: barycentre fits, symmetry, warps in world space, `mri_synthmorph register`, and
+one training step of each registration task (no shipped weights or shared data needed: networks
+with fresh random weights are saved with model cards to a scratch folder)."""
+
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+from keras import ops
+
+from synthkit import io, morph, train, transforms
+from synthkit.tools import synthmorph
+
+
+def _rotation(deg, axis):
+    a = np.deg2rad(deg)
+    c, s = np.cos(a), np.sin(a)
+    i, j = [k for k in range(3) if k != axis]
+    r = np.eye(4)
+    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+    return r
+
+
+# ------------------------------------------------------------------------------ point fits
+def test_barycenters_find_a_blob_at_any_feature_resolution():
+    feat = np.zeros((1, 8, 8, 8, 2), np.float32)
+    feat[0, 2, 5, 3, 0] = 1
+    feat[0, 6, 1, 7, 1] = 3
+    pts, mass = morph.barycenters(feat, (16, 16, 16))     # features at half resolution
+    pts = np.asarray(pts)[0] + 7.5                         # back to uncentred input voxels
+    assert np.allclose(pts[0], [4.5, 10.5, 6.5]) and np.allclose(pts[1], [12.5, 2.5, 14.5])
+    assert np.asarray(mass)[0, 1] == pytest.approx(3 * np.asarray(mass)[0, 0])
+
+
+def test_affine_fit_recovers_a_known_matrix_and_is_symmetric():
+    rng = np.random.default_rng(0)
+    truth = _rotation(20, 2) @ np.diag([1.1, 0.9, 1.0, 1])
+    truth[:3, 3] = [5, -3, 2]
+    src = rng.normal(0, 30, (1, 24, 3)).astype(np.float32)
+    dst = (np.asarray(src[0], np.float64) @ truth[:3, :3].T + truth[:3, 3])[None]
+    w = rng.uniform(0.1, 1, (1, 24)).astype(np.float32)
+    fit = np.asarray(morph.fit_affine(src, dst.astype(np.float32), w))[0]
+    assert np.allclose(fit, truth, atol=1e-2)      # the ridge pulls it 0.1 % to identity
+    # fixed -> moving, and the swapped fit is its inverse
+    noisy = dst + rng.normal(0, 1, dst.shape)
+    t = np.asarray(morph.fit_symmetric(noisy.astype(np.float32), src, w))[0]
+    t_swapped = np.asarray(morph.fit_symmetric(src, noisy.astype(np.float32), w))[0]
+    assert np.allclose(t @ t_swapped, np.eye(4), atol=1e-3)
+    assert np.allclose(t[:3, :3], truth[:3, :3], atol=0.05)   # from 1 mm noise on 24 points
+    assert np.allclose(t[:3, 3], truth[:3, 3], atol=1.0)
+
+
+def test_rigid_fit_is_a_rotation_and_symmetric():
+    rng = np.random.default_rng(1)
+    truth = _rotation(25, 0) @ _rotation(-10, 1)
+    truth[:3, 3] = [10, 0, -4]
+    src = rng.normal(0, 30, (16, 3))
+    dst = src @ truth[:3, :3].T + truth[:3, 3] + rng.normal(0, 0.5, (16, 3))
+    w = rng.uniform(0.1, 1, 16)
+    fit = morph.fit_rigid(src, dst, w)
+    assert np.allclose(fit[:3, :3] @ fit[:3, :3].T, np.eye(3), atol=1e-9)
+    assert np.linalg.det(fit[:3, :3]) == pytest.approx(1)
+    assert np.allclose(fit, truth, atol=0.5)
+    assert np.allclose(fit @ morph.fit_rigid(dst, src, w), np.eye(4), atol=1e-9)
+
+
+def test_integration_of_opposite_fields_gives_inverse_maps():
+    rng = np.random.default_rng(2)
+    from synthkit.layers import utils
+    coarse = rng.normal(0, 0.6, (1, 3, 3, 3, 3)).astype(np.float32)
+    vel = np.asarray(utils.resize_field(coarse, (8, 8, 8)))      # smooth, half resolution
+    shape = (16, 16, 16)
+    fwd = np.asarray(morph.integrate(vel, shape, 7))
+    inv = np.asarray(morph.integrate(-vel, shape, 7))
+    grid = np.stack(np.meshgrid(*[np.arange(16.0)] * 3, indexing='ij'), -1)
+    # inv(x + fwd(x)) ~ -fwd(x) in the interior
+    back = np.asarray(morph.warp_labels(inv, fwd))[0]
+    err = np.abs(fwd[0] + back)[4:-4, 4:-4, 4:-4]
+    assert np.abs(fwd).max() > 1 and np.median(err) < 0.02 and err.max() < 0.2
+    assert grid.shape == fwd.shape[1:]
+
+
+def test_sample_linear_matches_per_channel_sampling():
+    from synthkit.layers import utils
+    rng = np.random.default_rng(3)
+    vol = rng.random((1, 6, 7, 8, 5)).astype(np.float32)
+    coords = (rng.random((1, 4, 5, 6, 3)) * 10 - 2).astype(np.float32)
+    assert np.allclose(np.asarray(utils.sample_linear(vol, coords)),
+                       np.asarray(utils.sample(vol, coords, 'linear', 0)), atol=1e-6)
+
+
+# ------------------------------------------------------------------------- models on disk
+def _save(net, card, folder, name):
+    weights = os.path.join(folder, name + '.weights.h5')
+    net.save_weights(weights)
+    with open(os.path.join(folder, name + '.json'), 'w') as f:
+        json.dump(card, f)
+    return weights
+
+
+@pytest.fixture(scope='module')
+def models(tmp_path_factory):
+    """Random-weight affine and deformable models with cards (the deformable one's last layer
+    scaled up so that its field is not negligible)."""
+    folder = str(tmp_path_factory.mktemp('models'))
+    arch_a = {'features': [4, 8, 8], 'out_features': 8, 'out_level': 1}
+    arch_d = {'features': [4, 8, 8], 'hyper_units': 4}
+    a = morph.feature_net(**arch_a)
+    d = morph.velocity_net(**arch_d)
+    k, b = d.get_layer('velocity').get_weights()
+    d.get_layer('velocity').set_weights([k * 2e4, b])
+    card = {'input': {'voxsize_mm': 3.0}}
+    wa = _save(a, {**card, 'architecture': {'type': 'affine_features', **arch_a}}, folder,
+               'synthmorph_affine')
+    wd = _save(d, {'input': {'voxsize_mm': 2.0},
+                   'architecture': {'type': 'deform_velocity', **arch_d}}, folder,
+               'synthmorph_deform')
+    return wa, wd
+
+
+def _head(shape=(40, 44, 36), seed=0, shift=(0, 0, 0)):
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(n) - n / 2 for n in shape], indexing='ij'))
+    grid = grid - np.reshape(shift, (3, 1, 1, 1))
+    r = np.sqrt(((grid / np.reshape([14, 16, 12], (3, 1, 1, 1))) ** 2).sum(0))
+    data = np.where(r < 1, 100 + 50 * (grid[0] > 0), 0) + rng.normal(0, 3, shape)
+    return np.clip(data, 0, None).astype(np.float32)
+
+
+@pytest.fixture
+def pair(tmp):
+    aff_m = np.diag([1.2, 1.0, 1.1, 1])
+    aff_m[:3, 3] = [-20, -25, -18]
+    aff_f = np.array([[-1.0, 0, 0, 22], [0, 0, 1.1, -20], [0, -1.0, 0, 25], [0, 0, 0, 1]])
+    m, f = os.path.join(tmp, 'moving.nii.gz'), os.path.join(tmp, 'fixed.nii.gz')
+    nib.save(nib.Nifti1Image(_head(seed=1, shift=(3, -2, 1)), aff_m), m)
+    nib.save(nib.Nifti1Image(_head(seed=2), aff_f), f)
+    return m, f
+
+
+def _registrar(models):
+    wa, wd = models
+    card = lambda w: json.load(open(w[:-len('.weights.h5')] + '.json'))  # noqa: E731
+    return morph.Registrar((wa, card(wa)), (wd, card(wd)))
+
+
+def test_registrar_affine_and_rigid_are_symmetric(models, pair):
+    reg = _registrar(models)
+    m, f = (io.load_volume(p) for p in pair)
+    mv, fv = (m.data, m.affine), (f.data, f.affine)
+    fwd, back = reg.affine(mv, fv), reg.affine(fv, mv)
+    assert np.allclose(fwd @ back, np.eye(4), atol=1e-3)
+    rigid = reg.affine(mv, fv, rigid=True)
+    assert np.allclose(rigid[:3, :3] @ rigid[:3, :3].T, np.eye(3), atol=1e-6)
+    assert np.allclose(rigid @ reg.affine(fv, mv, rigid=True), np.eye(4), atol=1e-3)
+
+
+def test_registrar_velocity_is_antisymmetric(models, pair):
+    reg = _registrar(models)
+    m, f = (io.load_volume(p) for p in pair)
+    # on one shared grid (the same image geometry), swapping the inputs negates the field
+    same = (np.roll(f.data, 4, axis=0) ** 1.5, f.affine)
+    v1, shape, grid = reg.velocity(same, (f.data, f.affine), np.eye(4))
+    v2, _, _ = reg.velocity((f.data, f.affine), same, np.eye(4))
+    assert np.abs(v1).max() > 1e-3
+    assert np.allclose(v1, -v2, atol=1e-5)
+    assert shape == tuple(int(n) for n in shape) and all(n % 16 == 0 for n in shape)
+
+
+def test_warp_to_world_of_a_zero_field_is_the_matrix(models, pair):
+    reg = _registrar(models)
+    f = io.load_volume(pair[1])
+    shape, grid = reg.deform_grid(f.data.shape, f.affine)
+    matrix = _rotation(10, 1)
+    matrix[:3, 3] = [2, -1, 3]
+    zero = np.zeros(shape + (3,), np.float32)
+    disp = morph.warp_to_world(zero, grid, f.data.shape, f.affine, post=np.linalg.inv(matrix))
+    expect = transforms.Transform(matrix=matrix, target=transforms.Geometry.of(f)).as_warp().disp
+    assert np.allclose(disp, expect, atol=1e-4)
+
+
+def _call(argv):
+    with pytest.raises(SystemExit) as e:
+        synthmorph.main(argv)
+    return e.value.code
+
+
+def test_register_joint_writes_transforms_and_images(models, pair, tmp, capsys):
+    m, f = pair
+    out = lambda name: os.path.join(tmp, name)  # noqa: E731
+    argv = ['register', m, f, '-w', models[0], '-w', models[1], '-t', out('fwd.nii.gz'),
+            '-T', out('inv.nii.gz'), '-o', out('moved.nii.gz'), '-O', out('fixed_moved.mgz'),
+            '-j', '1', '-v']
+    assert _call(argv) == 0
+    assert 'done' in capsys.readouterr().out
+    fv, mv = nib.load(f), nib.load(m)
+    fwd, inv = nib.load(out('fwd.nii.gz')), nib.load(out('inv.nii.gz'))
+    assert fwd.shape == fv.shape + (3,) and np.allclose(fwd.affine, fv.affine)
+    assert inv.shape == mv.shape + (3,) and np.allclose(inv.affine, mv.affine)
+    moved = nib.load(out('moved.nii.gz'))
+    assert moved.shape == fv.shape and np.allclose(moved.affine, fv.affine)
+    assert np.asarray(moved.dataobj).max() > 50
+    back = io.load_volume(out('fixed_moved.mgz'))
+    assert back.data.shape == mv.shape and np.allclose(back.affine, mv.affine, atol=1e-4)
+    # apply reads the saved warp and gives the same moved image
+    assert _call(['apply', out('fwd.nii.gz'), m, out('moved2.nii.gz')]) == 0
+    assert np.allclose(nib.load(out('moved2.nii.gz')).get_fdata(), moved.get_fdata(), atol=1e-3)
+    # the inverse warp undoes the forward one in the interior of the fixed brain
+    fwd_t = transforms.read_warp(out('fwd.nii.gz'))
+    inv_t = transforms.read_warp(out('inv.nii.gz'))
+    vox = np.argwhere(fv.get_fdata() > 0)[::97]
+    q = (fv.affine[:3, :3] @ vox.T + fv.affine[:3, 3:]).T
+    p = q + fwd_t.disp[tuple(vox.T)]                           # moving world
+    w = np.linalg.solve(mv.affine, np.c_[p, np.ones(len(p))].T)[:3]
+    from scipy import ndimage
+    d = np.stack([ndimage.map_coordinates(inv_t.disp[..., k], w, order=1) for k in range(3)], 1)
+    assert np.median(np.linalg.norm(p + d - q, axis=1)) < 0.5
+
+
+def test_register_affine_lta_is_symmetric_and_header_only_keeps_voxels(models, pair, tmp):
+    m, f = pair
+    out = lambda name: os.path.join(tmp, name)  # noqa: E731
+    assert _call(['register', m, f, '-m', 'affine', '-w', models[0], '-t', out('a.lta'),
+                  '-T', out('a_inv.lta'), '-o', out('moved.nii.gz'), '-H']) == 0
+    assert _call(['register', f, m, '-m', 'affine', '-w', models[0], '-t', out('b.lta')]) == 0
+    a, a_inv, b = (transforms.read_lta(out(n)) for n in ('a.lta', 'a_inv.lta', 'b.lta'))
+    assert np.allclose(a.matrix @ b.matrix, np.eye(4), atol=1e-3)
+    assert np.allclose(a.matrix @ a_inv.matrix, np.eye(4), atol=1e-6)
+    moved = nib.load(out('moved.nii.gz'))
+    assert np.allclose(moved.get_fdata(), nib.load(m).get_fdata(), atol=1e-3)
+    assert np.allclose(moved.affine, a.matrix @ nib.load(m).affine, atol=1e-4)
+    # an initial matrix is composed in: registering from a.lta ends near a again
+    assert _call(['register', m, f, '-m', 'rigid', '-w', models[0], '-i', out('a.lta'),
+                  '-t', out('r.lta')]) == 0
+    r = transforms.read_lta(out('r.lta')).matrix
+    assert np.isfinite(r).all()
+
+
+def test_register_refuses_bad_outputs_and_multiframe(models, pair, tmp, capsys):
+    m, f = pair
+    assert _call(['register', m, f, '-m', 'deform', '-w', models[1], '-t',
+                  os.path.join(tmp, 'x.lta')]) == 2
+    four = os.path.join(tmp, 'four.nii.gz')
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8, 2), np.float32), np.eye(4)), four)
+    capsys.readouterr()
+    assert _call(['register', four, f, '-m', 'affine', '-w', models[0], '-t',
+                  os.path.join(tmp, 'x.lta')]) == 1
+    err = capsys.readouterr().err
+    assert 'single-frame' in err and err.count('\n') == 1
+    assert _call(['register', m, f, '-m', 'affine', '-w', models[0], '-o', m]) == 1
+    assert not os.path.exists(os.path.join(tmp, 'x.lta'))
+
+
+# ---------------------------------------------------------------------------------- training
+def _maps(folder, n=3, size=36):
+    grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing='ij')) - size / 2
+    r = np.sqrt((grid ** 2).sum(0))
+    paths = []
+    for i in range(n):
+        lab = np.zeros((size,) * 3, np.int16)
+        lab[r < 15] = 24
+        lab[r < 13 - i] = 3
+        lab[(r < 8) & (grid[0] > 0)] = 2
+        lab[(r < 8) & (grid[0] <= 0)] = 41
+        lab[r < 3 + i] = 4
+        paths.append(os.path.join(folder, 'map%d.nii.gz' % i))
+        nib.save(nib.Nifti1Image(lab, np.eye(4)), paths[-1])
+    return paths
+
+
+def test_deformable_model_learns_to_align_a_shifted_blob():
+    import keras
+    shape = (24, 24, 24)
+    grid = np.stack(np.meshgrid(*[np.arange(24.0)] * 3, indexing='ij'), -1)
+    def blob(center):
+        inside = (np.linalg.norm(grid - center, axis=-1) < 6).astype(np.float32)
+        return inside[None, ..., None], np.stack([1 - inside, inside], -1)[None]
+    m, lm = blob([10.0, 12, 12])
+    f, lf = blob([13.0, 12, 12])
+    keras.utils.set_random_seed(0)
+    net = morph.velocity_net(features=(8, 8, 8), hyper_units=4)
+    model = morph.deform_training_model(net, shape, 2, steps=5)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=morph.mean_output)
+    lam = np.array([[0.05]], np.float32)
+    x, y = [m, f, lm, lf, lam], np.zeros((1,), np.float32)
+    first = float(np.asarray(model.predict_on_batch(x))[0])
+    for _ in range(40):
+        model.train_on_batch(x, y)
+    last = float(np.asarray(model.predict_on_batch(x))[0])
+    assert last < 0.6 * first
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('task', ['synthmorph_affine', 'synthmorph_deform'])
+def test_registration_tasks_train_resume_and_export(task, tmp):
+    maps = _maps(tmp)
+    cfg = train.preset(task, maps)
+    cfg.shape, cfg.steps, cfg.val_every, cfg.val_pairs = (32, 32, 32), 2, 2, 1
+    cfg.task_options = {**cfg.task_options, 'shapes_maps': 1}
+    cfg.task_options['net'] = ({'features': [4, 8, 8], 'out_features': 4}
+                               if task.endswith('affine') else
+                               {'features': [4, 8, 8], 'hyper_units': 4})
+    if task.endswith('deform'):
+        cfg.task_options['shapes_prob'] = 0.5
+    run = os.path.join(tmp, 'run')
+    train.Trainer(cfg, run, progress=False).run()
+    rows = train.read_log(run)
+    assert rows[-1]['step'] == '2' and 0 <= float(rows[-1]['val_dice']) <= 1
+    cfg.steps = 3
+    train.Trainer(cfg, run, progress=False).run()        # resumes from the checkpoint
+    assert train.read_log(run)[-1]['step'] == '3'
+    card = train.export(run, os.path.join(tmp, 'model'))
+    assert card['training']['steps'] == 3 and card['task'] == task
+    net = morph.build_network(card)
+    net.load_weights(os.path.join(tmp, 'model.weights.h5'))
+    assert len(net.weights) > 0
+
+
+def test_shapes_bank_uses_distinct_painting_classes():
+    from synthkit import generator as gen
+    bank = gen.shapes_bank(2, (20, 22, 18), seed=0)
+    assert bank.shape == (2, 20, 22, 18)
+    assert set(np.unique(bank)) <= set(gen.SHAPE_LABELS) and len(np.unique(bank[0])) > 4
+    classes, _ = gen.label_classes()
+    assert len({classes[k] for k in gen.SHAPE_LABELS}) == len(gen.SHAPE_LABELS)
+    assert float(ops.mean(morph.dice_loss(np.ones((1, 2, 2, 2, 1), np.float32),
+                                          np.ones((1, 2, 2, 2, 1), np.float32)))) < 1e-5
