@@ -75,14 +75,34 @@ def colin27(cache):
     return head, bet
 
 
-def cases(data, cache):
+def padded_256(head, work):
+    """Colin27 zero-padded (centred) to 256^3 at 1 mm, the size of the speed target: the path,
+    and the affine that keeps every voxel where it was in world space."""
+    vol = io.load_volume(head)
+    data = np.asarray(vol.data)
+    off = [(256 - n) // 2 for n in data.shape[:3]]
+    big = np.zeros((256, 256, 256), data.dtype)
+    big[off[0]:off[0] + data.shape[0], off[1]:off[1] + data.shape[1],
+        off[2]:off[2] + data.shape[2]] = data
+    shift = np.eye(4)
+    shift[:3, 3] = -np.asarray(off, float)
+    path = os.path.join(work, 'colin27_256.nii.gz')
+    io.save_volume(big, vol.affine @ shift, path)
+    return path
+
+
+def cases(data, cache, work=None):
     """[(name, image path, reference mask Volume or error text, note)]."""
     out = []
     try:
         head, bet = colin27(cache)
         ref = io.load_volume(bet)
-        out.append(('colin27', head, io.Volume(np.asarray(ref.data) > 0, ref.affine, bet),
-                    'whole head vs BET'))
+        mask = io.Volume(np.asarray(ref.data) > 0, ref.affine, bet)
+        out.append(('colin27', head, mask, 'whole head vs BET'))
+        if work:
+            # the same head on a 256^3 grid (scored on the BET grid, predictions resampled)
+            out.append(('colin27_256', padded_256(head, work), mask,
+                        'the same, zero-padded to 256^3 (speed target)'))
     except (RuntimeError, OSError, io.VolumeError) as e:
         out.append(('colin27', None, str(e), 'whole head vs BET'))
     ixi = os.path.join(data, 'ixi002')
@@ -202,9 +222,10 @@ def report(results, case_list, args, weights, steps, errors):
                 fmt(r.get('dice'), '%.3f'), fmt(r.get('msd_mm'), '%.2f'),
                 fmt(r.get('seconds'), '%.1f'), fmt(r.get('peak_gb'), '%.2f'))
         lines.append(row)
-    row = '| **mean** | |'
+    row = '| **mean** (without colin27_256, a copy) | |'
+    scored = [n for n, *_ in case_list if n != 'colin27_256']
     for m in active:
-        means = [nanmean([results[m].get(n, {}).get(k) for n, *_ in case_list]) for k in keys]
+        means = [nanmean([results[m].get(n, {}).get(k) for n in scored]) for k in keys]
         row += ' %s | %s | %s | %s |' % (fmt(means[0], '%.3f'), fmt(means[1], '%.2f'),
                                         fmt(means[2], '%.1f'), fmt(means[3], '%.2f'))
     lines.append(row)
@@ -228,12 +249,15 @@ def our_scores(results, case_list, method='synthstrip'):
         if 'dice' in r:
             scores['%s_dice' % name] = round(r['dice'], 4)
             scores['%s_msd_mm' % name] = round(r['msd_mm'], 3)
-    names = [n for n, *_ in case_list]
+    names = [n for n, *_ in case_list if n != 'colin27_256']
     scores['strip_mean_dice'] = round(nanmean([ours.get(n, {}).get('dice') for n in names]), 4)
     scores['strip_mean_msd_mm'] = round(nanmean([ours.get(n, {}).get('msd_mm') for n in names]), 3)
     if 'seconds' in ours.get('colin27', {}):
         scores['strip_seconds_colin27_2threads'] = round(ours['colin27']['seconds'], 1)
         scores['strip_peak_gb_colin27'] = round(ours['colin27']['peak_gb'], 2)
+    if 'seconds' in ours.get('colin27_256', {}):
+        scores['strip_seconds_256cube_2threads'] = round(ours['colin27_256']['seconds'], 1)
+        scores['strip_peak_gb_256cube'] = round(ours['colin27_256']['peak_gb'], 2)
     return {k: v for k, v in scores.items() if np.isfinite(v)}
 
 
@@ -291,7 +315,7 @@ def main():
                 [args.deepbet_python, '-c', 'import importlib.metadata as m, torch; '
                  'print(m.version("deepbet"), "(torch %s)" % torch.__version__)']).stdout.strip()}
 
-    case_list = cases(args.data, args.cache)
+    case_list = cases(args.data, args.cache, work)
     for name, image, ref, _ in case_list:
         if not isinstance(ref, io.Volume):
             errors.append('%s skipped: %s' % (name, ref))
