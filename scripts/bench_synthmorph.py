@@ -62,7 +62,7 @@ sys.path.insert(0, os.path.join(ROOT, 'python'))
 sys.path.insert(0, HERE)
 
 from synthkit import io, labels, transforms  # noqa: E402
-from benchlib import measure, merge_card, run_quiet, tail  # noqa: E402
+from benchlib import measure, merge_card, run_quiet, tail, venv_problem  # noqa: E402
 
 METHODS = ('synthmorph-affine', 'synthmorph-deform', 'synthmorph-joint', 'ants-syn')
 BASELINE = 'identity'
@@ -125,12 +125,7 @@ def ants_cmd(python, moving, fixed, moving_seg, fixed_seg, out_seg, out_json, th
 
 def ants_problem(python):
     """Why ANTs cannot run with ``python`` (None when it can)."""
-    if not os.path.isfile(python):
-        return 'benchmark venv not found (%s): run `make .venv-bench`' % python
-    r = run_quiet([python, '-c', 'import ants'])
-    if r.returncode != 0:
-        return 'cannot import ants (antspyx) with %s: %s' % (python, tail(r.stdout, 1))
-    return None
+    return venv_problem(python, 'ants', 'ants (antspyx)')
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.join(ROOT, 'python'))
 sys.path.insert(0, HERE)
 
 from synthkit import io  # noqa: E402
-from benchlib import measure, merge_card, run_quiet, tail  # noqa: E402
+from benchlib import measure, merge_card, run_quiet, tail, venv_problem  # noqa: E402
 
 TEMPLATES = 'usr/share/mricron/templates'
 METHODS = ('synthstrip', 'synthstrip-nocsf', 'deepbet')
@@ -132,12 +132,7 @@ def deepbet_cmd(python, image, mask, threads):
 
 def deepbet_problem(python):
     """Why deepbet cannot run with ``python`` (None when it can)."""
-    if not os.path.isfile(python):
-        return 'deepbet venv not found (%s): run `make .venv-bench`' % python
-    r = run_quiet([python, '-c', 'import deepbet'])
-    if r.returncode != 0:
-        return 'cannot import deepbet with %s: %s' % (python, tail(r.stdout, 1))
-    return None
+    return venv_problem(python, 'deepbet', 'deepbet')
 
 
 # ---------------------------------------------------------------------------------------------

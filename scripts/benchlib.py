@@ -19,6 +19,17 @@ def tail(text, n=3):
     return ' / '.join(lines[-n:]) if lines else '(no output)'
 
 
+def venv_problem(python, module, what):
+    """Why ``module`` (``what``, for the message) cannot be imported by the benchmark venv's
+    ``python``; None when it can."""
+    if not os.path.isfile(python):
+        return 'benchmark venv not found (%s): run `make .venv-bench`' % python
+    r = run_quiet([python, '-c', 'import %s' % module])
+    if r.returncode != 0:
+        return 'cannot import %s with %s: %s' % (what, python, tail(r.stdout, 1))
+    return None
+
+
 def measure(cmd, env=None):
     """Run ``cmd``; (exit status, wall seconds, peak RSS in GB of that process, output)."""
     log = tempfile.TemporaryFile(mode='w+')

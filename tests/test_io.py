@@ -1,6 +1,5 @@
 """synthkit.io: loading checks, atomic saving, conforming to the network space and back, batches."""
 
-import gzip
 import os
 
 import nibabel as nib
@@ -10,32 +9,20 @@ import pytest
 from synthkit import io
 from synthkit.io import VolumeError
 
+from helpers import make_affine, rotation
+
 
 # ---------------------------------------------------------------------------------------------
 # phantoms with known geometry
 
-def _rotation(deg_x, deg_z):
-    ax, az = np.deg2rad(deg_x), np.deg2rad(deg_z)
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ rx
-
-
-def _affine(linear, translation):
-    aff = np.eye(4)
-    aff[:3, :3] = linear
-    aff[:3, 3] = translation
-    return aff
-
-
 # name -> (shape, vox2world, exact): exact cases are 1 mm and axis-aligned, so conforming is a
 # pure permutation/flip/pad and must be lossless
 GEOMETRIES = {
-    'LIA': ((24, 20, 28), _affine([[-1, 0, 0], [0, 0, 1], [0, -1, 0]], (12.0, -14.0, 9.0)), True),
-    'RAS': ((24, 28, 20), _affine(np.eye(3), (-11.0, -15.0, -7.0)), True),
-    'LPS': ((21, 27, 19), _affine(np.diag([-1.0, -1.0, 1.0]), (10.0, 13.0, -9.0)), True),
-    'aniso': ((24, 28, 10), _affine(np.diag([1.2, 0.9, 3.0]), (-14.0, -12.0, -15.0)), False),
-    'oblique': ((24, 26, 22), _affine(_rotation(20, 20) * 1.1, (-5.0, 8.0, 3.0)), False),
+    'LIA': ((24, 20, 28), make_affine([[-1, 0, 0], [0, 0, 1], [0, -1, 0]], (12.0, -14.0, 9.0)), True),
+    'RAS': ((24, 28, 20), make_affine(np.eye(3), (-11.0, -15.0, -7.0)), True),
+    'LPS': ((21, 27, 19), make_affine(np.diag([-1.0, -1.0, 1.0]), (10.0, 13.0, -9.0)), True),
+    'aniso': ((24, 28, 10), make_affine(np.diag([1.2, 0.9, 3.0]), (-14.0, -12.0, -15.0)), False),
+    'oblique': ((24, 26, 22), make_affine(rotation(deg_z=20, deg_x=20) * 1.1, (-5.0, 8.0, 3.0)), False),
 }
 
 # two labelled 3x3x3 cubes (left white matter, right white matter) at known voxel centres
@@ -126,8 +113,8 @@ def test_orientation_codes():
 
 def test_resample_channels_and_nearest_dtype():
     rng = np.random.default_rng(3)
-    src = _affine(np.eye(3), (0, 0, 0))
-    dst = _affine(np.eye(3), (1, 0, 0))  # one voxel further along x
+    src = make_affine(np.eye(3), (0, 0, 0))
+    dst = make_affine(np.eye(3), (1, 0, 0))  # one voxel further along x
     arr = rng.random((6, 5, 4, 3)).astype(np.float64)
     out = io.resample(arr, src, (6, 5, 4), dst, 'linear')
     assert out.dtype == np.float32 and out.shape == (6, 5, 4, 3)

@@ -13,14 +13,7 @@ from keras import ops
 from synthkit import io, morph, train, transforms
 from synthkit.tools import synthmorph
 
-
-def _rotation(deg, axis):
-    a = np.deg2rad(deg)
-    c, s = np.cos(a), np.sin(a)
-    i, j = [k for k in range(3) if k != axis]
-    r = np.eye(4)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
+from helpers import make_affine, rotation
 
 
 # ------------------------------------------------------------------------------ point fits
@@ -36,7 +29,7 @@ def test_barycenters_find_a_blob_at_any_feature_resolution():
 
 def test_affine_fit_recovers_a_known_matrix_and_is_symmetric():
     rng = np.random.default_rng(0)
-    truth = _rotation(20, 2) @ np.diag([1.1, 0.9, 1.0, 1])
+    truth = make_affine(rotation(deg_z=20) @ np.diag([1.1, 0.9, 1.0]))
     truth[:3, 3] = [5, -3, 2]
     src = rng.normal(0, 30, (1, 24, 3)).astype(np.float32)
     dst = (np.asarray(src[0], np.float64) @ truth[:3, :3].T + truth[:3, 3])[None]
@@ -54,7 +47,7 @@ def test_affine_fit_recovers_a_known_matrix_and_is_symmetric():
 
 def test_rigid_fit_is_a_rotation_and_symmetric():
     rng = np.random.default_rng(1)
-    truth = _rotation(25, 0) @ _rotation(-10, 1)
+    truth = make_affine(rotation(deg_x=25, deg_y=10))
     truth[:3, 3] = [10, 0, -4]
     src = rng.normal(0, 30, (16, 3))
     dst = src @ truth[:3, :3].T + truth[:3, 3] + rng.normal(0, 0.5, (16, 3))
@@ -173,7 +166,7 @@ def test_warp_to_world_of_a_zero_field_is_the_matrix(models, pair):
     reg = _registrar(models)
     f = io.load_volume(pair[1])
     shape, grid = reg.deform_grid(f.data.shape, f.affine)
-    matrix = _rotation(10, 1)
+    matrix = make_affine(rotation(deg_y=-10))
     matrix[:3, 3] = [2, -1, 3]
     zero = np.zeros(shape + (3,), np.float32)
     disp = morph.warp_to_world(zero, grid, f.data.shape, f.affine, post=np.linalg.inv(matrix))

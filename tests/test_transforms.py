@@ -9,22 +9,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from synthkit import io, transforms as T
+from synthkit import transforms as T
 from synthkit.tools import synthmorph
 
-
-def _rot(deg_z, deg_x=0.0):
-    az, ax = np.deg2rad(deg_z), np.deg2rad(deg_x)
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    return rz @ rx
-
-
-def _affine(linear, translation):
-    aff = np.eye(4)
-    aff[:3, :3] = linear
-    aff[:3, 3] = translation
-    return aff
+from helpers import make_affine, rotation
 
 
 def _world(affine, ijk):
@@ -32,11 +20,11 @@ def _world(affine, ijk):
 
 
 # moving: 1 mm RAS; fixed: 1 mm LIA (FreeSurfer's conformed orientation), other shape and origin
-MOVING = T.Geometry((22, 20, 18), _affine(np.eye(3), (-11.0, -10.0, -9.0)), 'moving.nii.gz')
-FIXED = T.Geometry((24, 22, 26), _affine([[-1, 0, 0], [0, 0, 1], [0, -1, 0]], (12.0, -13.0, 11.0)),
+MOVING = T.Geometry((22, 20, 18), make_affine(np.eye(3), (-11.0, -10.0, -9.0)), 'moving.nii.gz')
+FIXED = T.Geometry((24, 22, 26), make_affine([[-1, 0, 0], [0, 0, 1], [0, -1, 0]], (12.0, -13.0, 11.0)),
                    'fixed.nii.gz')
 # oblique, anisotropic grid, to exercise the volume info decomposition
-OBLIQUE = T.Geometry((20, 22, 18), _affine(_rot(15, 10) * [1.1, 0.9, 1.3], (-10, -12, -9)))
+OBLIQUE = T.Geometry((20, 22, 18), make_affine(rotation(15, 10) * [1.1, 0.9, 1.3], (-10, -12, -9)))
 # two labelled 3x3x3 cubes at known moving voxels
 CUBES = {5: (6, 8, 7), 7: (15, 12, 9)}
 
@@ -67,7 +55,7 @@ def _centroid_world(data, affine):
 # LTA files
 
 def test_lta_ras2ras_round_trip(tmp):
-    matrix = _affine(_rot(20, -5), (2.0, -3.0, 1.5))
+    matrix = make_affine(rotation(20, -5), (2.0, -3.0, 1.5))
     trans = T.Transform(matrix, OBLIQUE, FIXED, subject='bert')
     path = os.path.join(tmp, 'sub', 't.lta')
     T.write_lta(trans, path)
@@ -89,7 +77,7 @@ def test_lta_ras2ras_round_trip(tmp):
 
 
 def test_lta_vox2vox_round_trip_is_converted_to_ras2ras(tmp):
-    matrix = _affine(_rot(-30, 12), (4.0, 1.0, -2.5))
+    matrix = make_affine(rotation(-30, 12), (4.0, 1.0, -2.5))
     path = os.path.join(tmp, 'v.lta')
     T.write_lta(T.Transform(matrix, OBLIQUE, FIXED), path, lta_type=T.LINEAR_VOX_TO_VOX)
     assert open(path).read().count('type      = 0 # LINEAR_VOX_TO_VOX\n') == 1
@@ -143,7 +131,7 @@ def test_freesurfer_vox2vox_file_reads_with_volume_infos(tmp):
     trans = T.read_lta(path)
     conformed = np.array([[-1, 0, 0, 128], [0, 0, 1, -128], [0, -1, 0, 128], [0, 0, 0, 1.]])
     np.testing.assert_allclose(trans.target.affine, conformed)
-    np.testing.assert_allclose(trans.source.affine, _affine(2 * np.eye(3), (-10, -10, -10)))
+    np.testing.assert_allclose(trans.source.affine, make_affine(2 * np.eye(3), (-10, -10, -10)))
     assert trans.source.filename == '' and trans.target.filename == '/subjects/bert/mri/orig.mgz'
     assert (trans.subject, trans.fscale) == ('bert', 0.15)
     # the RAS matrix takes each src voxel's world point to the world point of the dst voxel
@@ -191,7 +179,7 @@ def test_bad_lta_is_one_line_error(tmp, edit, problem):
 def test_lta_matches_surfa(tmp):
     """surfa (what FreeSurfer's mri_synthmorph uses) reads our files and we read its files."""
     sf = pytest.importorskip('surfa')
-    matrix = _affine(_rot(20, -5), (2.0, -3.0, 1.5))
+    matrix = make_affine(rotation(20, -5), (2.0, -3.0, 1.5))
     ours = os.path.join(tmp, 'ours.lta')
     T.write_lta(T.Transform(matrix, OBLIQUE, FIXED), ours)
     aff = sf.load_affine(ours)
@@ -222,7 +210,7 @@ def test_lta_matches_surfa(tmp):
 
 def test_rotation_moves_labels_to_their_expected_world_position():
     # 90 degrees about z plus whole-millimetre shifts: every moving voxel lands on a fixed voxel
-    matrix = _affine(_rot(90), (2.0, -3.0, 1.0))
+    matrix = make_affine(rotation(90), (2.0, -3.0, 1.0))
     trans = T.Transform(matrix, MOVING, FIXED)
     lab = _labels()
     out, affine = T.apply(trans, (lab, MOVING.affine), method='nearest')
@@ -243,7 +231,7 @@ def test_rotation_moves_labels_to_their_expected_world_position():
 
 
 def test_oblique_rotation_linear_moves_blob_centre():
-    matrix = _affine(_rot(23, 11), (1.7, -2.4, 3.1))
+    matrix = make_affine(rotation(23, 11), (1.7, -2.4, 3.1))
     centre = np.array([-1.0, 1.5, 0.5])
     blob = _blob(MOVING, centre)
     out, affine = T.apply(T.Transform(matrix, MOVING, FIXED), (blob, MOVING.affine))
@@ -255,7 +243,7 @@ def test_oblique_rotation_linear_moves_blob_centre():
 
 def test_translation_warp_equals_matrix(tmp):
     shift = np.array([2.5, -1.25, 3.0])
-    matrix = _affine(np.eye(3), shift)
+    matrix = make_affine(np.eye(3), shift)
     # the moving-world point of fixed point x is inv(M) x = x - shift
     disp = np.broadcast_to(-shift, FIXED.shape + (3,)).astype(np.float32)
     warp = T.Transform(disp=disp, target=FIXED)
@@ -271,7 +259,7 @@ def test_translation_warp_equals_matrix(tmp):
     back = T.load_transform(path)
     assert back.is_warp and back.disp.shape == FIXED.shape + (3,)
     np.testing.assert_allclose(T.apply(back, (data, MOVING.affine))[0], want, atol=1e-4)
-    rot = T.Transform(_affine(_rot(17, 9), shift), MOVING, FIXED)
+    rot = T.Transform(make_affine(rotation(17, 9), shift), MOVING, FIXED)
     np.testing.assert_allclose(T.apply(rot.as_warp(), (data, MOVING.affine))[0],
                                T.apply(rot, (data, MOVING.affine))[0], atol=1e-3)
 
@@ -291,14 +279,14 @@ def test_identity_reproduces_input_on_same_grid():
 
 def test_unknown_target_resamples_onto_the_input_grid():
     lab = _labels()
-    out, affine = T.apply(T.Transform(_affine(np.eye(3), (1.0, 0, 0)), None, None),
+    out, affine = T.apply(T.Transform(make_affine(np.eye(3), (1.0, 0, 0)), None, None),
                           (lab, MOVING.affine), method='nearest')
     np.testing.assert_array_equal(affine, MOVING.affine)
     np.testing.assert_array_equal(out[1:], lab[:-1])  # content moved by +1 mm along R
 
 
 def test_header_only_changes_only_the_affine():
-    matrix = _affine(_rot(23, 11), (1.7, -2.4, 3.1))
+    matrix = make_affine(rotation(23, 11), (1.7, -2.4, 3.1))
     lab = _labels()
     data, affine = T.header_only(T.Transform(matrix, MOVING, FIXED), (lab, MOVING.affine))
     assert data is lab
@@ -311,7 +299,7 @@ def test_header_only_changes_only_the_affine():
 def test_output_type_and_range():
     lab = _labels().astype(np.uint8)
     trans = T.Transform(np.eye(4), MOVING, MOVING)
-    away = T.Transform(_affine(np.eye(3), (50.0, 0, 0)), MOVING, MOVING)
+    away = T.Transform(make_affine(np.eye(3), (50.0, 0, 0)), MOVING, MOVING)
     for method in ('linear', 'nearest'):
         with pytest.raises(ValueError, match='do not fit in uint8'):
             T.apply(away, (lab, MOVING.affine), method=method, fill=-1)
@@ -340,7 +328,7 @@ def case(tmp):
     """A moving label map, a second image, and an LTA written as register -t would."""
     lab = _save(os.path.join(tmp, 'lab.nii.gz'), _labels(), MOVING.affine)
     img = _save(os.path.join(tmp, 'img.mgz'), _blob(MOVING, (0, 0, 0)), MOVING.affine)
-    matrix = _affine(_rot(90), (2.0, -3.0, 1.0))
+    matrix = make_affine(rotation(90), (2.0, -3.0, 1.0))
     lta = os.path.join(tmp, 'trans.lta')
     T.write_lta(T.Transform(matrix, MOVING, FIXED), lta)
     return tmp, lab, img, lta, matrix

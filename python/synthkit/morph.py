@@ -79,24 +79,26 @@ def _homogeneous(points):
 
 
 def fit_affine(src, dst, weights, ridge=1e-3):
-    """Weighted least-squares affine (B, 4, 4) mapping points ``src`` (B, K, 3) to ``dst``.
+    """Weighted least-squares affine (B, 4, 4) mapping points ``src`` (B, K, 3) to ``dst``, in
+    the points' dtype (float32 in training, float64 at inference).
 
     A small ridge pulls the linear part towards the identity when the points are degenerate."""
     x = _homogeneous(src)                                                     # (B, K, 4)
     w = weights / (ops.sum(weights, axis=-1, keepdims=True) + 1e-12)
     xtw = ops.transpose(x * w[..., None], (0, 2, 1))                          # (B, 4, K)
-    a = ops.matmul(xtw, x) + ridge * ops.eye(4)[None]
-    b = ops.matmul(xtw, _homogeneous(dst)) + ridge * ops.eye(4)[None]
+    eye = ridge * ops.eye(4, dtype=x.dtype)[None]
+    a = ops.matmul(xtw, x) + eye
+    b = ops.matmul(xtw, _homogeneous(dst)) + eye
     beta = ops.solve(a, b)                                                    # (B, 4, 4): x @ beta
     return ops.transpose(beta, (0, 2, 1))
 
 
-def fit_symmetric(moving_pts, fixed_pts, weights):
+def fit_symmetric(moving_pts, fixed_pts, weights, ridge=1e-3):
     """Affine (B, 4, 4) from fixed to moving centred coordinates, symmetric in the inputs:
     both sets are fitted to their midpoints, ``T = inv(A_moving) @ A_fixed``."""
     mid = (moving_pts + fixed_pts) / 2
-    a_m = fit_affine(moving_pts, mid, weights)
-    a_f = fit_affine(fixed_pts, mid, weights)
+    a_m = fit_affine(moving_pts, mid, weights, ridge)
+    a_f = fit_affine(fixed_pts, mid, weights, ridge)
     return ops.matmul(ops.inv(a_m), a_f)
 
 
@@ -117,19 +119,20 @@ def fit_rigid(src, dst, weights):
     return out
 
 
-def grid_points(shape):
-    """Centred voxel coordinates of a grid, (X, Y, Z, 3) float32 tensor."""
-    return utils.volume_grid(shape, center=True)
+def affine_points(matrix, shape, src_shape):
+    """Voxel coordinates in a ``src_shape`` grid of the ``shape`` grid's voxels under ``matrix``
+    (B, 4, 4) acting on centred coordinates."""
+    y = utils.volume_grid(shape, center=True)[None]
+    lin, trans = matrix[:, :3, :3], matrix[:, :3, 3]
+    x = ops.einsum('bij,bxyzj->bxyzi', lin, y) + ops.reshape(trans, (-1, 1, 1, 1, 3))
+    center = np.array([(n - 1) / 2 for n in src_shape], np.float32)
+    return x + ops.convert_to_tensor(center)
 
 
 def sample_affine(vol, matrix, out_shape, interp='linear'):
     """Sample ``vol`` (B, X, Y, Z, C) at ``matrix`` (B, 4, 4) applied to the centred voxel
     coordinates of an ``out_shape`` grid (centred coordinates of ``vol`` out)."""
-    y = grid_points(out_shape)[None]
-    lin, trans = matrix[:, :3, :3], matrix[:, :3, 3]
-    x = ops.einsum('bij,bxyzj->bxyzi', lin, y) + ops.reshape(trans, (-1, 1, 1, 1, 3))
-    center = np.array([(n - 1) / 2 for n in vol.shape[1:4]], np.float32)
-    coords = x + ops.convert_to_tensor(center)
+    coords = affine_points(matrix, out_shape, vol.shape[1:4])
     if interp == 'linear':
         return utils.sample_linear(vol, coords, 0)
     return utils.sample(vol, coords, interp, 0)
@@ -175,16 +178,6 @@ def coordinate_error(moving_coords, fixed_coords, fixed_labels, points):
     w = ops.cast(moved[..., 3] > 0.999, 'float32') * (1 - fixed_labels[..., 0])
     err = ops.sum(ops.square(moved[..., :3] - fixed_coords), axis=-1)
     return ops.sum(w * err, axis=(1, 2, 3)) / (ops.sum(w, axis=(1, 2, 3)) + 1)
-
-
-def affine_points(matrix, shape, src_shape):
-    """Voxel coordinates in a ``src_shape`` grid of the ``shape`` grid's voxels under ``matrix``
-    (B, 4, 4) acting on centred coordinates."""
-    y = grid_points(shape)[None]
-    lin, trans = matrix[:, :3, :3], matrix[:, :3, 3]
-    x = ops.einsum('bij,bxyzj->bxyzi', lin, y) + ops.reshape(trans, (-1, 1, 1, 1, 3))
-    center = np.array([(n - 1) / 2 for n in src_shape], np.float32)
-    return x + ops.convert_to_tensor(center)
 
 
 class AffineLoss(keras.layers.Layer):
@@ -371,8 +364,7 @@ def build_network(card):
 
 def _predict(model, inputs):
     """Run ``model`` once on the CPU/GPU, compiled on TensorFlow (half the memory, faster)."""
-    import keras as _k
-    if _k.backend.backend() == 'tensorflow':
+    if keras.backend.backend() == 'tensorflow':
         import tensorflow as tf
         fn = getattr(model, '_synthkit_fn', None)
         if fn is None:
@@ -380,18 +372,6 @@ def _predict(model, inputs):
             model._synthkit_fn = fn
         return np.asarray(fn(inputs))
     return np.asarray(model(inputs, training=False))
-
-
-def _homog(points):
-    return np.concatenate([points, np.ones(points.shape[:-1] + (1,))], -1)
-
-
-def _fit_affine_np(src, dst, w, ridge=1e-6):
-    w = w / max(w.sum(), 1e-12)
-    x = _homog(src)
-    a = (x * w[:, None]).T @ x + ridge * np.eye(4)
-    b = (x * w[:, None]).T @ _homog(dst) + ridge * np.eye(4)
-    return np.linalg.solve(a, b).T
 
 
 class Registrar:
@@ -414,16 +394,23 @@ class Registrar:
             self.deform_net = build_network(self.deform_card)
             self.deform_net.load_weights(weights)
 
+    def network_grid(self, card, src_shape, src_affine):
+        """(shape, affine) of a network grid over an image's field of view: LIA voxels of the
+        model's size (``card``), a multiple of 16, at most ``extent`` mm per axis."""
+        from . import io
+        vox = float(card['input']['voxsize_mm'])
+        shape, grid = io.conform_grid(src_shape, src_affine, vox, 'LIA', multiple=16)
+        limit = int(self.extent // vox) // 16 * 16
+        if max(shape) > limit:
+            shape, grid = io.conform_grid(src_shape, src_affine, vox, 'LIA', multiple=16,
+                                          crop=np.minimum(shape, limit))
+        return shape, grid
+
     # ----------------------------------------------------------------------------- affine
     def _points(self, data, affine):
         """World barycentres (K, 3) and masses (K,) of one image's feature maps."""
         from . import io
-        vox = float(self.affine_card['input']['voxsize_mm'])
-        shape, grid = io.conform_grid(data.shape, affine, vox, 'LIA', multiple=16)
-        limit = int(self.extent // vox) // 16 * 16
-        if max(shape) > limit:
-            shape, grid = io.conform_grid(data.shape, affine, vox, 'LIA', multiple=16,
-                                          crop=np.minimum(shape, limit))
+        shape, grid = self.network_grid(self.affine_card, data.shape, affine)
         img = io.resample(io.rescale_intensities(data), affine, shape, grid, 'linear')
         feat = _predict(self.affine_net, img[None, ..., None])
         pts, mass = barycenters(feat, shape)
@@ -438,24 +425,16 @@ class Registrar:
         w = np.sqrt(wm * wf) + 1e-12
         if rigid:
             fixed_to_moving = fit_rigid(pf, pm, w)
-        else:
-            mid = (pm + pf) / 2
-            fixed_to_moving = np.linalg.inv(_fit_affine_np(pm, mid, w)) @ \
-                _fit_affine_np(pf, mid, w)
+        else:    # in world mm and float64, so a much smaller ridge than in training
+            fixed_to_moving = np.asarray(fit_symmetric(pm[None], pf[None], w[None],
+                                                       ridge=1e-6))[0]
         return np.linalg.inv(fixed_to_moving)
 
     # ------------------------------------------------------------------------- deformable
     def deform_grid(self, fixed_shape, fixed_affine):
-        """(shape, affine) of the grid the deformable network runs on: the fixed image's field
-        of view (at most ``extent`` mm per axis) in LIA voxels of the model's size."""
-        from . import io
-        vox = float(self.deform_card['input']['voxsize_mm'])
-        shape, grid = io.conform_grid(fixed_shape, fixed_affine, vox, 'LIA', multiple=16)
-        limit = int(self.extent // vox) // 16 * 16
-        if max(shape) > limit:
-            shape, grid = io.conform_grid(fixed_shape, fixed_affine, vox, 'LIA', multiple=16,
-                                          crop=np.minimum(shape, limit))
-        return shape, grid
+        """(shape, affine) of the grid the deformable network runs on: the fixed image's
+        :meth:`network_grid`."""
+        return self.network_grid(self.deform_card, fixed_shape, fixed_affine)
 
     def velocity(self, moving, fixed, matrix, lam=0.5):
         """Symmetric velocity field on the half-resolution deformable grid, and that grid.

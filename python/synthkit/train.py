@@ -218,10 +218,8 @@ class AffineTask(_RegistrationTask):
 
 def affine_matrix(net, moving, fixed):
     """The symmetric affine (4, 4) from fixed to moving centred voxel coordinates."""
-    pm, wm = morph.barycenters(net.predict_on_batch(moving), moving.shape[1:4])
-    pf, wf = morph.barycenters(net.predict_on_batch(fixed), fixed.shape[1:4])
-    return np.asarray(morph.fit_symmetric(pm, pf, np.sqrt(np.asarray(wm) * np.asarray(wf)
-                                                          + 1e-12)))[0]
+    fit = morph.SymmetricFit(moving.shape[1:4], fixed.shape[1:4])
+    return np.asarray(fit([net.predict_on_batch(moving), net.predict_on_batch(fixed)]))[0]
 
 
 def label_dice(a, b):
@@ -527,7 +525,7 @@ def export(run_dir, prefix, scores=None, notes='', label_dir=None):
         state = json.load(f)
     os.makedirs(os.path.dirname(prefix) or '.', exist_ok=True)
     task = cfg.get('task', 'synthseg')
-    registration = task.startswith('synthmorph')
+    registration = hasattr(TASKS[task], 'network')     # the bare network is part of the model
     if registration:
         net_cfg = TASKS[task](TrainConfig(**{k: v for k, v in cfg.items()
                                              if k in TrainConfig.__dataclass_fields__}))
@@ -576,11 +574,11 @@ def export(run_dir, prefix, scores=None, notes='', label_dir=None):
 AFFINE_GROUPS = ((2, 3), (41, 42), (4, 5, 14, 15, 43, 44), (7, 8), (46, 47),
                  (10, 11, 12, 13, 17, 18, 26, 28), (49, 50, 51, 52, 53, 54, 58, 60), (16,), (24,))
 
+_BAND_LOSS = 'MSE of the signed distance within the band + mean squared wrong-side excess ' \
+    'beyond it'
 LOSS_NAMES = {
-    'synthstrip': 'MSE of the signed distance within the band + mean squared wrong-side '
-                  'excess beyond it',
-    'synthstrip_nocsf': 'MSE of the signed distance within the band + mean squared wrong-side '
-                        'excess beyond it',
+    'synthstrip': _BAND_LOSS,
+    'synthstrip_nocsf': _BAND_LOSS,
     'synthmorph_affine': '1 - soft Dice of the label maps moved by the fitted affine + '
                          'coord_weight x mean squared source-point distance (mm^2)',
     'synthmorph_deform': '(1 - lambda) (1 - soft Dice of the moved label maps + coord_weight x '

@@ -221,17 +221,17 @@ def register(args):
         fwd = transforms.Transform(matrix=matrix, source=src, target=dst)
         inv = fwd.inverse()
     else:
+        need_inverse = bool(args.inverse or args.out_fixed)
         vel, shape, grid = reg.velocity((mdata, mov.affine), (fdata, fix.affine), matrix,
                                         args.regularization)
-        u, u_inv = reg.displacements(vel, shape, args.steps,
-                                     inverse=bool(args.inverse or args.out_fixed))
+        u, u_inv = reg.displacements(vel, shape, args.steps, inverse=need_inverse)
         say('deformation found on a %s grid (%.1f s)' % ('x'.join(map(str, shape)),
                                                          time.time() - t0))
         fwd = transforms.Transform(
             disp=morph.warp_to_world(u, grid, dst.shape, dst.affine, post=np.linalg.inv(matrix)),
             source=src, target=dst)
         inv = None
-        if args.inverse or args.out_fixed:
+        if need_inverse:
             inv = transforms.Transform(
                 disp=morph.warp_to_world(u_inv, grid, src.shape, src.affine, pre=matrix),
                 source=dst, target=src)
