@@ -27,6 +27,13 @@ def main():
     p.add_argument('--run', help='run directory (default runs/TASK)')
     p.add_argument('--export', help='write PREFIX.weights.h5 and PREFIX.json when done')
     p.add_argument('--steps', type=int, default=None, help='total steps (default: preset)')
+    p.add_argument('--minutes', type=float, help='stop (with a checkpoint) after this much '
+                                                 'wall time')
+    p.add_argument('--checkpoint-minutes', type=float, help='checkpoint interval (default: '
+                                                            'preset, 5)')
+    p.add_argument('--set', action='append', default=[], metavar='KEY=JSON',
+                   help='override a TrainConfig field or a task option (task_options.NAME), '
+                        'e.g. learning_rate=1e-3 or task_options.coord_weight=0.1')
     p.add_argument('--export-only', action='store_true', help='only export the last checkpoint')
     p.add_argument('--init', help='start a new run from shipped weights PREFIX (e.g. '
                                   'models/synthseg), continuing their step count')
@@ -36,9 +43,14 @@ def main():
     cfg = train.preset(args.task, maps)
     if args.steps:
         cfg.steps = args.steps
+    for item in args.set:
+        train.override(cfg, item)
+    if args.checkpoint_minutes:
+        cfg.checkpoint_minutes = args.checkpoint_minutes
     run = args.run or os.path.join('runs', args.task)
     if not args.export_only:
-        train.Trainer(cfg, run, progress=sys.stderr.isatty(), init=args.init).run()
+        train.Trainer(cfg, run, progress=sys.stderr.isatty(), init=args.init).run(
+            max_minutes=args.minutes)
     if args.export:
         card = train.export(run, args.export, label_dir=args.labels)
         print('exported %s.weights.h5 (%d steps)' % (args.export, card['training']['steps']))

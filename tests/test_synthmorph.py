@@ -285,6 +285,56 @@ def test_deformable_model_learns_to_align_a_shifted_blob():
     assert last < 0.6 * first
 
 
+def test_end_point_error_counts_voxels_mapped_outside_the_grid():
+    shape = (12, 12, 12)
+    grid = np.stack(np.meshgrid(*[np.arange(12.0)] * 3, indexing='ij'), -1)[None]
+    coords = (2.0 * grid).astype(np.float32)           # source mm of each voxel
+    labels = np.zeros((1, *shape, 2), np.float32)
+    labels[..., 1] = 1
+    here = morph.coordinate_error(coords, coords, labels, grid.astype(np.float32), True)
+    assert float(here[0]) < 1e-2
+    far = (grid + 100.0).astype(np.float32)             # everything mapped outside
+    assert float(morph.coordinate_error(coords, coords, labels, far)[0]) == 0  # squared: left out
+    err = float(morph.coordinate_error(coords, coords, labels, far, True)[0])
+    assert err > 2.0                                    # distance mode: clamped to the border
+    shifted = (grid + [1.0, 0, 0]).astype(np.float32)
+    inner = float(morph.coordinate_error(coords, coords, labels, shifted, True)[0])
+    assert 1.5 < inner < 2.0            # 2 mm for all but the last slab (clamped: 0), over 12^3+1
+
+
+def test_correlation_finds_the_shift_and_soft_argmax_reads_it():
+    rng = np.random.default_rng(0)
+    feat = rng.normal(size=(1, 14, 14, 14, 8)).astype(np.float32)
+    feat /= np.linalg.norm(feat, axis=-1, keepdims=True)      # unit vectors, as the net makes
+    fixed, moving = feat[:, 2:12, 2:12, 2:12], feat[:, 1:11, 2:12, 3:13]  # fixed(x) = moving(x+d)
+    cost = np.asarray(morph.Correlation(2)([fixed, moving]))
+    assert cost.shape == (1, 10, 10, 10, 125)
+    shifts = morph.correlation_shifts(2)
+    best = shifts[cost[0, 2:-2, 2:-2, 2:-2].reshape(-1, 125).argmax(-1)]
+    assert np.all(best == [1.0, 0.0, -1.0])
+    sharp = np.zeros((1, 2, 2, 2, 125), np.float32)
+    sharp[..., 7] = 1.0
+    flow = np.asarray(morph.SoftArgmax(2, temperature=200.0)(sharp))
+    assert np.allclose(flow, shifts[7], atol=1e-3)
+
+
+def test_correlation_network_builds_from_its_card_and_is_antisymmetric_in_use():
+    net = morph.deform_network(kind='correlation', features=[4, 8, 8], hyper_units=4,
+                               head_features=4)
+    rng = np.random.default_rng(1)
+    pair = rng.random((1, 16, 16, 16, 2)).astype(np.float32)
+    vel = np.asarray(net.predict_on_batch([pair, np.array([[0.3]], np.float32)]))
+    assert vel.shape == (1, 8, 8, 8, 3) and np.all(np.isfinite(vel))
+    card = {'architecture': {'type': 'deform_velocity', 'kind': 'correlation',
+                             'features': [4, 8, 8], 'hyper_units': 4, 'head_features': 4}}
+    again = morph.build_network(card)
+    again.set_weights(net.get_weights())
+    assert np.allclose(np.asarray(again.predict_on_batch([pair, np.array([[0.3]], np.float32)])),
+                       vel, atol=1e-5)
+    with pytest.raises(ValueError, match='kind'):
+        morph.deform_network(kind='transformer')
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('task', ['synthmorph_affine', 'synthmorph_deform'])
 def test_registration_tasks_train_resume_and_export(task, tmp):
@@ -294,7 +344,8 @@ def test_registration_tasks_train_resume_and_export(task, tmp):
     cfg.task_options = {**cfg.task_options, 'shapes_maps': 1}
     cfg.task_options['net'] = ({'features': [4, 8, 8], 'out_features': 4}
                                if task.endswith('affine') else
-                               {'features': [4, 8, 8], 'hyper_units': 4})
+                               {'kind': 'correlation', 'features': [4, 8, 8], 'hyper_units': 4,
+                                'head_features': 4})
     if task.endswith('deform'):
         cfg.task_options['shapes_prob'] = 0.5
     run = os.path.join(tmp, 'run')

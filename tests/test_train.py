@@ -104,3 +104,27 @@ def test_resume_refuses_a_different_config(tiny_cfg, tmp_path):
     other = train.TrainConfig(**{**tiny_cfg.__dict__, 'learning_rate': 0.5})
     with pytest.raises(ValueError, match='learning_rate'):
         train.Trainer(other, run, progress=False)
+
+
+def test_override_sets_fields_and_task_options():
+    cfg = train.preset('synthmorph_deform', ['a', 'b', 'c'])
+    before = dict(cfg.task_options)
+    train.override(cfg, 'learning_rate=1e-3')
+    train.override(cfg, 'task_options.lambda_range=[0, 0.5]')
+    train.override(cfg, 'shape=[32,32,32]')
+    assert cfg.learning_rate == 1e-3 and cfg.shape == [32, 32, 32]
+    assert cfg.task_options['lambda_range'] == [0, 0.5]
+    assert {k: v for k, v in cfg.task_options.items() if k != 'lambda_range'} == \
+        {k: v for k, v in before.items() if k != 'lambda_range'}
+    for bad in ('learning_rate', 'nosuch=1', 'learning_rate.x=1'):
+        with pytest.raises(ValueError):
+            train.override(cfg, bad)
+
+
+def test_run_stops_with_a_checkpoint_when_out_of_time(tiny_cfg, tmp_path):
+    run = str(tmp_path / 'run')
+    tiny_cfg.steps = 50
+    train.Trainer(tiny_cfg, run, progress=False).run(max_minutes=0)
+    state = json.load(open(os.path.join(run, 'state.json')))
+    assert state['step'] == 1 and os.path.exists(os.path.join(run, 'ckpt.keras'))
+    assert train.read_log(run)[-1]['step'] == '1'

@@ -169,10 +169,21 @@ def dice_loss(a, b, eps=1e-5):
     return 1 - ops.sum(dice * present, axis=-1) / (ops.sum(present, axis=-1) + 1e-6)
 
 
-def coordinate_error(moving_coords, fixed_coords, fixed_labels, points):
+def coordinate_error(moving_coords, fixed_coords, fixed_labels, points, distance=False):
     """Mean squared distance (B,) between the source point of each labelled fixed voxel
     (``fixed_labels`` channel 0 is background) and that of the moving voxel at ``points`` (B,
-    *shape, 3) in moving voxels; voxels mapped outside the moving grid are left out."""
+    *shape, 3) in moving voxels; voxels mapped outside the moving grid are left out.
+
+    ``distance=True``: the mean distance itself (the end-point error, whose gradient is bounded),
+    and voxels mapped outside the grid count with the source point of the nearest border voxel
+    (left out, they would let a field that maps everything outside zero the error)."""
+    if distance:
+        shape = moving_coords.shape[1:4]
+        hi = ops.convert_to_tensor(np.array([n - 1 for n in shape], np.float32))
+        moved = utils.sample_linear(moving_coords, ops.minimum(ops.maximum(points, 0.0), hi), 0)
+        w = 1 - fixed_labels[..., 0]
+        err = ops.sqrt(ops.sum(ops.square(moved - fixed_coords), axis=-1) + 1e-6)
+        return ops.sum(w * err, axis=(1, 2, 3)) / (ops.sum(w, axis=(1, 2, 3)) + 1)
     ones = ops.ones_like(moving_coords[..., :1])
     moved = utils.sample_linear(ops.concatenate([moving_coords, ones], -1), points, 0)
     w = ops.cast(moved[..., 3] > 0.999, 'float32') * (1 - fixed_labels[..., 0])
@@ -230,7 +241,8 @@ class FiLM(keras.layers.Layer):
         return x * (1 + gamma) + beta
 
 
-def velocity_net(features=(16, 32, 32, 32), hyper_units=32, name='deform_velocity'):
+def velocity_net(features=(16, 32, 32, 32), hyper_units=32, out_scale=1.0,
+                 name='deform_velocity'):
     """[pair (B, X, Y, Z, 2), lambda (B, 1)] -> velocity (B, X/2, Y/2, Z/2, 3) in voxels of the
     half-resolution grid. A U-Net whose decoder stops one level short of the input resolution;
     every conv block is FiLM-modulated by a small MLP of lambda."""
@@ -258,7 +270,156 @@ def velocity_net(features=(16, 32, 32, 32), hyper_units=32, name='deform_velocit
         x = block(x, features[level], 'dec%d' % level)
     init = keras.initializers.RandomNormal(stddev=1e-5)
     vel = layers.Conv3D(3, 3, padding='same', kernel_initializer=init, name='velocity')(x)
+    if out_scale != 1:
+        vel = layers.Rescaling(float(out_scale), name='velocity_scale')(vel)
     return keras.Model([pair, lam], vel, name=name)
+
+
+class Correlation(keras.layers.Layer):
+    """Local cost volume: ``[fixed, moving]`` features (B, X, Y, Z, C) -> (B, X, Y, Z, K) the
+    dot products ``<fixed(x), moving(x + d)>`` for the K = (2r+1)^3 integer shifts ``d`` within
+    ``radius`` (ordered as :func:`correlation_shifts`); zero where ``x + d`` leaves the grid."""
+
+    def __init__(self, radius=2, **kwargs):
+        super().__init__(**kwargs)
+        self.radius = int(radius)
+
+    def call(self, inputs):
+        fixed, moving = inputs
+        r = self.radius
+        padded = ops.pad(moving, [[0, 0], [r, r], [r, r], [r, r], [0, 0]])
+        size = ops.shape(fixed)
+        out = []
+        for d in correlation_shifts(r):
+            start = [0, int(d[0]) + r, int(d[1]) + r, int(d[2]) + r, 0]
+            shifted = ops.slice(padded, start, size)
+            out.append(ops.sum(fixed * shifted, axis=-1))
+        return ops.stack(out, axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[0][:-1], (2 * self.radius + 1) ** 3)
+
+    def get_config(self):
+        return {**super().get_config(), 'radius': self.radius}
+
+
+def correlation_shifts(radius):
+    """The integer shifts (K, 3) of :class:`Correlation`, x-major."""
+    r = np.arange(-radius, radius + 1, dtype=np.float32)
+    return np.stack(np.meshgrid(r, r, r, indexing='ij'), -1).reshape(-1, 3)
+
+
+class SoftArgmax(keras.layers.Layer):
+    """Cost volume (B, X, Y, Z, K) -> expected shift (B, X, Y, Z, 3) under ``softmax(t * cost)``
+    with a learned temperature ``t``."""
+
+    def __init__(self, radius=2, temperature=10.0, **kwargs):
+        super().__init__(**kwargs)
+        self.radius, self.temperature = int(radius), float(temperature)
+
+    def build(self, input_shape):
+        self.log_t = self.add_weight(shape=(), name='log_temperature',
+                                     initializer=keras.initializers.Constant(
+                                         np.log(self.temperature)))
+
+    def call(self, cost):
+        p = ops.softmax(ops.exp(self.log_t) * cost, axis=-1)
+        return ops.einsum('bxyzk,kc->bxyzc', p,
+                          ops.convert_to_tensor(correlation_shifts(self.radius)))
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], 3)
+
+    def get_config(self):
+        return {**super().get_config(), 'radius': self.radius, 'temperature': self.temperature}
+
+
+class Channels(keras.layers.Layer):
+    """Channels ``start:stop`` of the last axis (a serializable slice)."""
+
+    def __init__(self, start, stop, **kwargs):
+        super().__init__(**kwargs)
+        self.start, self.stop = int(start), int(stop)
+
+    def call(self, x):
+        return x[..., self.start:self.stop]
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], self.stop - self.start)
+
+    def get_config(self):
+        return {**super().get_config(), 'start': self.start, 'stop': self.stop}
+
+
+class L2Normalize(keras.layers.Layer):
+    """Feature vectors (last axis) less their mean over the image, scaled to unit length: dot
+    products of them are correlations that tell places apart (raw features are mostly alike)."""
+
+    def call(self, x):
+        x = x - ops.mean(x, axis=(1, 2, 3), keepdims=True)
+        return x / ops.sqrt(ops.sum(ops.square(x), axis=-1, keepdims=True) + 1e-6)
+
+
+def correlation_net(features=(16, 32, 32), radius=2, hyper_units=32, head_features=32,
+                    temperature=10.0, name='deform_velocity'):
+    """[pair (B, X, Y, Z, 2), lambda (B, 1)] -> velocity (B, X/2, Y/2, Z/2, 3) in voxels of the
+    half-resolution grid, from a local correlation of the two images' features.
+
+    One small encoder (shared by both images: a Siamese pair) maps each image to unit feature
+    vectors at half resolution; their cost volume over the shifts within ``radius`` half-res
+    voxels gives, by soft-argmax, a first field; a lambda-conditioned (FiLM) head sees the cost
+    volume and that field and adds a correction. Identical images give the right shift from the
+    start (features match where the images do), so training has only to make the features
+    contrast-invariant, which is far quicker than learning correspondence from scratch."""
+    pair = keras.Input((None, None, None, 2), name='pair')
+    lam = keras.Input((1,), name='lambda')
+    h = layers.Dense(hyper_units, activation='relu', name='hyper0')(lam)
+    h = layers.Dense(hyper_units, activation='relu', name='hyper1')(h)
+
+    image = keras.Input((None, None, None, 1), name='image')
+    x = image
+    skips = []
+    for level, f in enumerate(features):
+        for i in range(2):
+            x = layers.Conv3D(f, 3, padding='same', name='enc%d_conv%d' % (level, i))(x)
+            x = layers.LeakyReLU(0.2, name='enc%d_act%d' % (level, i))(x)
+        if level < len(features) - 1:
+            skips.append(x)
+            x = layers.MaxPooling3D(2, name='pool%d' % level)(x)
+    for level in reversed(range(1, len(features) - 1)):
+        x = layers.UpSampling3D(2, name='up%d' % level)(x)
+        x = layers.Concatenate(name='skip%d' % level)([x, skips[level]])
+        x = layers.Conv3D(features[level], 3, padding='same', name='dec%d_conv' % level)(x)
+        x = layers.LeakyReLU(0.2, name='dec%d_act' % level)(x)
+    x = layers.Conv3D(features[1], 1, name='embed')(x)
+    encoder = keras.Model(image, L2Normalize(name='unit')(x), name='encoder')
+
+    moving = Channels(0, 1, name='moving')(pair)
+    fixed = Channels(1, 2, name='fixed')(pair)
+    cost = Correlation(radius, name='cost')([encoder(fixed), encoder(moving)])
+    flow = SoftArgmax(radius, temperature, name='soft_argmax')(cost)
+    y = layers.Concatenate(name='head_in')([cost, flow])
+    for i in range(2):
+        y = layers.Conv3D(head_features, 3, padding='same', name='head_conv%d' % i)(y)
+        y = layers.LeakyReLU(0.2, name='head_act%d' % i)(y)
+        gb = layers.Dense(2 * head_features, kernel_initializer='zeros',
+                          name='head_film%d' % i)(h)
+        y = FiLM(name='head_mod%d' % i)([y, gb])
+    init = keras.initializers.RandomNormal(stddev=1e-5)
+    y = layers.Conv3D(3, 3, padding='same', kernel_initializer=init, name='correction')(y)
+    vel = layers.Add(name='velocity')([flow, y])
+    return keras.Model([pair, lam], vel, name=name)
+
+
+def deform_network(kind='unet', **options):
+    """The deformable network of a model card's architecture: ``kind`` 'unet'
+    (:func:`velocity_net`, the default of older cards) or 'correlation'
+    (:func:`correlation_net`)."""
+    if kind == 'correlation':
+        return correlation_net(**options)
+    if kind == 'unet':
+        return velocity_net(**options)
+    raise ValueError('unknown deformable network kind %r' % kind)
 
 
 def gradient_l2(field):
@@ -282,10 +443,11 @@ class DeformLoss(keras.layers.Layer):
     from one label map, so the generator knows where every voxel came from, and this dense
     correspondence teaches far faster than label overlap alone (labels have edges only)."""
 
-    def __init__(self, shape, steps=5, coord_weight=0.0, **kwargs):
+    def __init__(self, shape, steps=5, coord_weight=0.0, coord_distance=False, **kwargs):
         super().__init__(**kwargs)
         self.shape, self.steps = tuple(int(n) for n in shape), steps
         self.coord_weight = float(coord_weight)
+        self.coord_distance = bool(coord_distance)
         self.integrate = sk_layers.IntegrateVelocity(steps)
         self.resize = sk_layers.ResizeField(self.shape)
 
@@ -300,15 +462,17 @@ class DeformLoss(keras.layers.Layer):
         lam = lam[:, 0]
         sim = dice_loss(moved, lf)
         if self.coord_weight and len(inputs) == 6:
-            sim = sim + self.coord_weight * coordinate_error(inputs[4], inputs[5], lf, points)
+            sim = sim + self.coord_weight * coordinate_error(inputs[4], inputs[5], lf, points,
+                                                             self.coord_distance)
         return (1 - lam) * sim + lam * gradient_l2(vel)
 
     def get_config(self):
         return {**super().get_config(), 'shape': self.shape, 'steps': self.steps,
-                'coord_weight': self.coord_weight}
+                'coord_weight': self.coord_weight, 'coord_distance': self.coord_distance}
 
 
-def deform_training_model(net, shape, n_labels, steps=5, coord_weight=0.0):
+def deform_training_model(net, shape, n_labels, steps=5, coord_weight=0.0,
+                          coord_distance=False):
     """Inputs: moving, fixed (1, *shape, 1), their one-hot labels (1, *shape, n_labels), lambda
     (1, 1) and, with ``coord_weight``, their source coordinates (1, *shape, 3); output: the loss
     per example."""
@@ -323,7 +487,8 @@ def deform_training_model(net, shape, n_labels, steps=5, coord_weight=0.0):
                    keras.Input((*shape, 3), name='fixed_coords', batch_size=1)]
     pair = layers.Concatenate(name='pair')([moving, fixed])
     vel = net([pair, lam])
-    loss = DeformLoss(shape, steps, coord_weight, name='deform_loss')([vel] + inputs[2:])
+    loss = DeformLoss(shape, steps, coord_weight, coord_distance,
+                      name='deform_loss')([vel] + inputs[2:])
     return keras.Model(inputs, loss, name='synthmorph_deform_train')
 
 
@@ -333,7 +498,9 @@ def mean_output(y_true, y_pred):
 
 
 CUSTOM_OBJECTS = {'SymmetricFit': SymmetricFit, 'AffineLoss': AffineLoss,
-                  'FiLM': FiLM, 'DeformLoss': DeformLoss, 'mean_output': mean_output}
+                  'FiLM': FiLM, 'DeformLoss': DeformLoss, 'mean_output': mean_output,
+                  'Correlation': Correlation, 'SoftArgmax': SoftArgmax,
+                  'L2Normalize': L2Normalize, 'Channels': Channels}
 
 
 def integrate(vel, shape, steps=5):
@@ -358,7 +525,7 @@ def build_network(card):
     if kind == 'affine_features':
         return feature_net(**arch)
     if kind == 'deform_velocity':
-        return velocity_net(**arch)
+        return deform_network(**arch)
     raise ValueError('not a SynthMorph model card (architecture %r)' % kind)
 
 

@@ -240,12 +240,13 @@ class DeformTask(_RegistrationTask):
         self.shapes = None
 
     def network(self):
-        return morph.velocity_net(**self.opts.get('net', {}))
+        return morph.deform_network(**self.opts.get('net', {}))
 
     def training_model(self):
         return morph.deform_training_model(self.network(), self.cfg.shape, self.n_labels,
                                            self.opts.get('int_steps', 5),
-                                           self.opts.get('coord_weight', 0.0))
+                                           self.opts.get('coord_weight', 0.0),
+                                           self.opts.get('coord_distance', False))
 
     def sample(self, sampler, bank, rng, n):
         use_shapes = rng.random() < self.opts.get('shapes_prob', 0.0)
@@ -345,6 +346,27 @@ class TrainConfig:
         return d
 
 
+def override(cfg, item):
+    """Apply ``'KEY=JSON'`` to ``cfg`` in place: a TrainConfig field, or ``task_options.NAME``
+    / ``generator.NAME`` for one entry of those dicts (a new dict, the preset is not shared)."""
+    key, sep, value = item.partition('=')
+    if not sep:
+        raise ValueError('expected KEY=VALUE, got %r' % item)
+    try:
+        value = json.loads(value)
+    except json.JSONDecodeError:
+        pass                                # a bare string
+    head, _, name = key.partition('.')
+    if head not in TrainConfig.__dataclass_fields__:
+        raise ValueError('unknown config field %r' % head)
+    if name:
+        if not isinstance(getattr(cfg, head), dict):
+            raise ValueError('%s is not a dict field' % head)
+        setattr(cfg, head, {**getattr(cfg, head), name: value})
+    else:
+        setattr(cfg, head, value)
+
+
 def _atomic_json(obj, path):
     tmp = path + '.tmp'
     with open(tmp, 'w') as f:
@@ -424,7 +446,9 @@ class Trainer:
         return float(np.mean([self.task.score(np.asarray(model.predict_on_batch(x)), t)
                               for x, t in pairs]))
 
-    def run(self):
+    def run(self, max_minutes=None):
+        """Train to ``cfg.steps``, or until ``max_minutes`` of wall time have passed (then
+        checkpoint and return: a time budget, e.g. a lent GPU machine's)."""
         cfg = self.cfg
         state = self._state()
         start = state['step']
@@ -474,9 +498,18 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss='%.3f' % loss, refresh=False)
-            if time.time() - last_ckpt > 60 * cfg.checkpoint_minutes or step == cfg.steps:
+            out_of_time = max_minutes is not None and time.time() - t0 > 60 * max_minutes
+            if time.time() - last_ckpt > 60 * cfg.checkpoint_minutes or step == cfg.steps \
+                    or out_of_time:
                 self.save(model, step, seconds0 + time.time() - t0)
                 last_ckpt = time.time()
+            if out_of_time:
+                if vd == '' and step % 10:
+                    log.writerow([step, '%.4f' % np.mean(losses),
+                                  '%.0f' % (seconds0 + time.time() - t0), ''])
+                print('stopped at step %d after %.1f min' % (step, (time.time() - t0) / 60),
+                      flush=True)
+                break
         logf.close()
         if bar is not None:
             bar.close()
@@ -582,7 +615,7 @@ LOSS_NAMES = {
     'synthmorph_affine': '1 - soft Dice of the label maps moved by the fitted affine + '
                          'coord_weight x mean squared source-point distance (mm^2)',
     'synthmorph_deform': '(1 - lambda) (1 - soft Dice of the moved label maps + coord_weight x '
-                         'mean squared source-point distance (mm^2) over labelled voxels) + '
+                         'mean source-point distance (mm) over labelled voxels) + '
                          'lambda mean |grad v|^2, lambda ~ U(0, 1) per step'}
 
 
@@ -618,16 +651,21 @@ def preset(task, maps):
                        'rotation_range_deg': (-15.0, 15.0), 'translation_range_mm': (-20.0, 20.0),
                        'strip_prob': 0.5, 'fov_prob': 0.05})
     if task == 'synthmorph_deform':
-        # 2 mm voxels, 64^3 (128 mm) crops of roughly affine-aligned pairs with large nonlinear
-        # differences (8 mm SVF std per image); 30 % random shapes
+        # 2 mm voxels, 64^3 (128 mm) crops of roughly affine-aligned pairs with nonlinear
+        # differences (5 mm SVF std per image); a Siamese correlation network (shifts up to
+        # +-8 mm on its 4 mm grid); 20 % random shapes, 30 % same-contrast pairs; the dense
+        # correspondence term is the mean end-point error in mm (bounded gradient; voxels mapped
+        # outside the grid are not left out, which made the squared version diverge)
         return TrainConfig(
             **common, task=task, shape=(64, 64, 64), learning_rate=5e-4, val_every=200,
-            task_options={'net': {'features': [16, 32, 32, 32], 'hyper_units': 32},
-                          'shapes_prob': 0.3, 'shapes_maps': 8, 'lambda_range': (0.0, 1.0),
-                          'int_steps': 5, 'coord_weight': 0.02, 'same_contrast_prob': 0.5,
-                          'same_contrast_disp_vox': 3.0},
+            task_options={'net': {'kind': 'correlation', 'features': [16, 32, 32],
+                                  'radius': 2, 'hyper_units': 32, 'head_features': 32,
+                                  'temperature': 30.0},
+                          'shapes_prob': 0.2, 'shapes_maps': 8, 'lambda_range': (0.0, 1.0),
+                          'int_steps': 5, 'coord_weight': 0.05, 'coord_distance': True,
+                          'same_contrast_prob': 0.3, 'same_contrast_disp_vox': 2.0},
             generator={'voxsize_mm': 2.0, 'flip_prob': 0.0, 'scaling_range': (0.95, 1.05),
                        'rotation_range_deg': (-4.0, 4.0), 'translation_range_mm': (-4.0, 4.0),
-                       'shearing_range': (-0.01, 0.01), 'nonlin_std_mm': 8.0,
+                       'shearing_range': (-0.01, 0.01), 'nonlin_std_mm': 5.0,
                        'strip_prob': 0.5})
     raise ValueError('unknown task %r (known: %s)' % (task, ', '.join(TASKS)))
