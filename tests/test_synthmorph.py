@@ -318,6 +318,22 @@ def test_correlation_finds_the_shift_and_soft_argmax_reads_it():
     assert np.allclose(flow, shifts[7], atol=1e-3)
 
 
+def test_match_loss_prefers_the_true_shift():
+    n = 16
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32)] * 3, indexing='ij'), -1)[None]
+    fixed_src = grid * 2.0                                # 2 source mm per voxel
+    moving_src = fixed_src + np.array([4, 0, 0], np.float32)  # fixed(x) = moving(x - 2 voxels)
+    labels = np.zeros((1, n, n, n, 2), np.float32)
+    labels[..., 1] = 1
+    shifts = morph.correlation_shifts(2)
+    loss = {}
+    for d in ([-1, 0, 0], [0, 0, 0], [1, 0, 0]):          # half-resolution shifts
+        cost = np.zeros((1, n // 2, n // 2, n // 2, 125), np.float32)
+        cost[..., np.where(np.all(shifts == d, -1))[0][0]] = 1
+        loss[tuple(d)] = float(morph.MatchLoss(2)([cost, moving_src, fixed_src, labels])[0])
+    assert loss[(-1, 0, 0)] < loss[(0, 0, 0)] < loss[(1, 0, 0)]
+
+
 def test_correlation_network_builds_from_its_card_and_is_antisymmetric_in_use():
     net = morph.deform_network(kind='correlation', features=[4, 8, 8], hyper_units=4,
                                head_features=4)

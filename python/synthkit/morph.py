@@ -394,8 +394,8 @@ def correlation_net(features=(16, 32, 32), radius=2, hyper_units=32, head_featur
     x = layers.Conv3D(features[1], 1, name='embed')(x)
     encoder = keras.Model(image, L2Normalize(name='unit')(x), name='encoder')
 
-    moving = Channels(0, 1, name='moving')(pair)
-    fixed = Channels(1, 2, name='fixed')(pair)
+    moving = Channels(0, 1, name='moving_image')(pair)
+    fixed = Channels(1, 2, name='fixed_image')(pair)
     cost = Correlation(radius, name='cost')([encoder(fixed), encoder(moving)])
     flow = SoftArgmax(radius, temperature, name='soft_argmax')(cost)
     y = layers.Concatenate(name='head_in')([cost, flow])
@@ -471,24 +471,72 @@ class DeformLoss(keras.layers.Layer):
                 'coord_weight': self.coord_weight, 'coord_distance': self.coord_distance}
 
 
+class MatchLoss(keras.layers.Layer):
+    """[cost volume (B, x, y, z, K) at half resolution, source coordinates of the moving and
+    fixed images (B, X, Y, Z, 3), fixed labels (B, X, Y, Z, C)] -> (B,) the cross-entropy of
+    ``softmax(t * cost)`` (own learned temperature ``t``) against the true match distribution:
+    for each labelled fixed voxel, ``softmax(-d^2 / 2 sigma^2)`` over the shifts, ``d`` the
+    distance (source mm) between its source point and that of the shifted moving voxel.
+
+    A direct, dense teacher for the correlation network's features (what a contrastive loss
+    would be): the overlap and end-point terms reach them only through the soft-argmax."""
+
+    def __init__(self, radius=2, sigma_mm=2.0, temperature=30.0, **kwargs):
+        super().__init__(**kwargs)
+        self.radius, self.sigma_mm = int(radius), float(sigma_mm)
+        self.temperature = float(temperature)
+
+    def build(self, input_shape):
+        self.log_t = self.add_weight(shape=(), name='log_temperature',
+                                     initializer=keras.initializers.Constant(
+                                         np.log(self.temperature)))
+
+    def call(self, inputs):
+        cost, mc, fc, lf = inputs
+        pool = lambda t: ops.average_pool(t, 2, strides=2, padding='valid')  # noqa: E731
+        mc, fc = pool(mc), pool(fc)
+        mask = ops.cast(pool(1 - lf[..., :1])[..., 0] > 0.5, 'float32')
+        r = self.radius
+        padded = ops.pad(mc, [[0, 0], [r, r], [r, r], [r, r], [0, 0]], constant_values=1e4)
+        size = ops.shape(fc)
+        d2 = [ops.sum(ops.square(ops.slice(padded, [0, int(d[0]) + r, int(d[1]) + r,
+                                                    int(d[2]) + r, 0], size) - fc), axis=-1)
+              for d in correlation_shifts(r)]
+        target = ops.softmax(-ops.stack(d2, axis=-1) / (2 * self.sigma_mm ** 2), axis=-1)
+        logp = ops.log_softmax(ops.exp(self.log_t) * cost, axis=-1)
+        ce = -ops.sum(target * logp, axis=-1)
+        return ops.sum(mask * ce, axis=(1, 2, 3)) / (ops.sum(mask, axis=(1, 2, 3)) + 1)
+
+    def get_config(self):
+        return {**super().get_config(), 'radius': self.radius, 'sigma_mm': self.sigma_mm,
+                'temperature': self.temperature}
+
+
 def deform_training_model(net, shape, n_labels, steps=5, coord_weight=0.0,
-                          coord_distance=False):
+                          coord_distance=False, match_weight=0.0):
     """Inputs: moving, fixed (1, *shape, 1), their one-hot labels (1, *shape, n_labels), lambda
-    (1, 1) and, with ``coord_weight``, their source coordinates (1, *shape, 3); output: the loss
-    per example."""
+    (1, 1) and, with ``coord_weight`` or ``match_weight``, their source coordinates (1, *shape,
+    3); output: the loss per example. ``match_weight`` (correlation networks): add that times
+    :class:`MatchLoss` of the network's own encoder and cost volume."""
     moving = keras.Input((*shape, 1), name='moving', batch_size=1)
     fixed = keras.Input((*shape, 1), name='fixed', batch_size=1)
     lm = keras.Input((*shape, n_labels), name='moving_labels', batch_size=1)
     lf = keras.Input((*shape, n_labels), name='fixed_labels', batch_size=1)
     lam = keras.Input((1,), name='lambda', batch_size=1)
     inputs = [moving, fixed, lm, lf, lam]
-    if coord_weight:
+    if coord_weight or match_weight:
         inputs += [keras.Input((*shape, 3), name='moving_coords', batch_size=1),
                    keras.Input((*shape, 3), name='fixed_coords', batch_size=1)]
-    pair = layers.Concatenate(name='pair')([moving, fixed])
+    pair = layers.Concatenate(name='pair_images')([moving, fixed])
     vel = net([pair, lam])
     loss = DeformLoss(shape, steps, coord_weight, coord_distance,
                       name='deform_loss')([vel] + inputs[2:])
+    if match_weight:
+        encoder, radius = net.get_layer('encoder'), net.get_layer('cost').radius
+        cost = Correlation(radius, name='train_cost')([encoder(fixed), encoder(moving)])
+        match = MatchLoss(radius, name='match_loss')([cost, inputs[5], inputs[6], lf])
+        loss = layers.Add(name='total_loss')([
+            loss, layers.Rescaling(float(match_weight), name='match_weight')(match)])
     return keras.Model(inputs, loss, name='synthmorph_deform_train')
 
 
@@ -500,7 +548,7 @@ def mean_output(y_true, y_pred):
 CUSTOM_OBJECTS = {'SymmetricFit': SymmetricFit, 'AffineLoss': AffineLoss,
                   'FiLM': FiLM, 'DeformLoss': DeformLoss, 'mean_output': mean_output,
                   'Correlation': Correlation, 'SoftArgmax': SoftArgmax,
-                  'L2Normalize': L2Normalize, 'Channels': Channels}
+                  'L2Normalize': L2Normalize, 'Channels': Channels, 'MatchLoss': MatchLoss}
 
 
 def integrate(vel, shape, steps=5):

@@ -246,7 +246,8 @@ class DeformTask(_RegistrationTask):
         return morph.deform_training_model(self.network(), self.cfg.shape, self.n_labels,
                                            self.opts.get('int_steps', 5),
                                            self.opts.get('coord_weight', 0.0),
-                                           self.opts.get('coord_distance', False))
+                                           self.opts.get('coord_distance', False),
+                                           self.opts.get('match_weight', 0.0))
 
     def sample(self, sampler, bank, rng, n):
         use_shapes = rng.random() < self.opts.get('shapes_prob', 0.0)
@@ -257,7 +258,7 @@ class DeformTask(_RegistrationTask):
             maps = self.shapes[rng.integers(0, len(self.shapes), size=n)][..., None]
         else:
             maps, _ = bank.batch(n, rng)
-        coords = bool(self.opts.get('coord_weight'))
+        coords = bool(self.opts.get('coord_weight') or self.opts.get('match_weight'))
         if rng.random() < self.opts.get('same_contrast_prob', 0.0):
             m, f, lm, lf, *c = self.same_contrast_pair(sampler, maps, rng, coords)
         else:
@@ -453,7 +454,7 @@ class Trainer:
         state = self._state()
         start = state['step']
         if start > 0 and os.path.exists(self.ckpt):
-            model = keras.models.load_model(self.ckpt, custom_objects=CUSTOM_OBJECTS)
+            model = load_checkpoint(self.task, self.ckpt)
             print('resuming %s at step %d' % (self.run_dir, start), flush=True)
         elif self.init:
             model = self.build_model()
@@ -524,6 +525,23 @@ class Trainer:
                      self.state_path)
 
 
+def load_checkpoint(task, path):
+    """The training model of a checkpoint, optimizer state included. Registration models are
+    rebuilt from code and given the checkpoint's weights: their networks share layers between
+    nested models, which Keras cannot rebuild from the saved config."""
+    if hasattr(task, 'build_model'):
+        model = task.build_model()
+        model.optimizer.build(model.trainable_variables)
+        model.load_weights(path)
+        return model
+    return keras.models.load_model(path, custom_objects=CUSTOM_OBJECTS)
+
+
+def _task_of(run_config):
+    return TASKS[run_config.get('task', 'synthseg')](TrainConfig(**{
+        k: v for k, v in run_config.items() if k in TrainConfig.__dataclass_fields__}))
+
+
 def read_log(run_dir):
     """Rows of a run's log.csv as dicts."""
     with open(os.path.join(run_dir, 'log.csv')) as f:
@@ -550,19 +568,16 @@ def export(run_dir, prefix, scores=None, notes='', label_dir=None):
 
     With ``label_dir`` (where the run's held-out maps are), the card's
     ``input.norm_statistics`` is whichever batch-norm mode scores better on them."""
-    model = keras.models.load_model(os.path.join(run_dir, 'ckpt.keras'),
-                                    custom_objects=CUSTOM_OBJECTS)
     with open(os.path.join(run_dir, 'config.json')) as f:
         cfg = json.load(f)
+    model = load_checkpoint(_task_of(cfg), os.path.join(run_dir, 'ckpt.keras'))
     with open(os.path.join(run_dir, 'state.json')) as f:
         state = json.load(f)
     os.makedirs(os.path.dirname(prefix) or '.', exist_ok=True)
     task = cfg.get('task', 'synthseg')
     registration = hasattr(TASKS[task], 'network')     # the bare network is part of the model
     if registration:
-        net_cfg = TASKS[task](TrainConfig(**{k: v for k, v in cfg.items()
-                                             if k in TrainConfig.__dataclass_fields__}))
-        bare = net_cfg.network()
+        bare = _task_of(cfg).network()
         bare.set_weights(model.get_layer(bare.name).get_weights())
         architecture = {'type': bare.name, **cfg['task_options'].get('net', {})}
     else:
@@ -663,6 +678,7 @@ def preset(task, maps):
                                   'temperature': 30.0},
                           'shapes_prob': 0.2, 'shapes_maps': 8, 'lambda_range': (0.0, 1.0),
                           'int_steps': 5, 'coord_weight': 0.05, 'coord_distance': True,
+                          'match_weight': 0.1,
                           'same_contrast_prob': 0.3, 'same_contrast_disp_vox': 2.0},
             generator={'voxsize_mm': 2.0, 'flip_prob': 0.0, 'scaling_range': (0.95, 1.05),
                        'rotation_range_deg': (-4.0, 4.0), 'translation_range_mm': (-4.0, 4.0),
