@@ -41,7 +41,15 @@ def feature_net(features=(16, 32, 32, 32), out_features=32, out_level=1, name='a
     skip connections back up to level ``out_level``.
     """
     inp = keras.Input((None, None, None, 1), name='image')
-    x, skips = inp, []
+    x = encoder_decoder(inp, features, out_level)
+    out = layers.Conv3D(out_features, 3, padding='same', activation='relu', name='features')(x)
+    return keras.Model(inp, out, name=name)
+
+
+def encoder_decoder(x, features, out_level):
+    """Encoder (two 3x3x3 convolutions per level, max pooling between levels) and decoder with
+    skip connections back up to level ``out_level`` (features at 1 / 2**out_level resolution)."""
+    skips = []
     for level, f in enumerate(features):
         for i in range(2):
             x = layers.Conv3D(f, 3, padding='same', name='enc%d_conv%d' % (level, i))(x)
@@ -54,8 +62,7 @@ def feature_net(features=(16, 32, 32, 32), out_features=32, out_level=1, name='a
         x = layers.Concatenate(name='skip%d' % level)([x, skips[level]])
         x = layers.Conv3D(features[level], 3, padding='same', name='dec%d_conv' % level)(x)
         x = layers.LeakyReLU(0.2, name='dec%d_act' % level)(x)
-    out = layers.Conv3D(out_features, 3, padding='same', activation='relu', name='features')(x)
-    return keras.Model(inp, out, name=name)
+    return x
 
 
 def barycenters(feat, in_shape, eps=1e-6):
@@ -377,21 +384,7 @@ def correlation_net(features=(16, 32, 32), radius=2, hyper_units=32, head_featur
     h = layers.Dense(hyper_units, activation='relu', name='hyper1')(h)
 
     image = keras.Input((None, None, None, 1), name='image')
-    x = image
-    skips = []
-    for level, f in enumerate(features):
-        for i in range(2):
-            x = layers.Conv3D(f, 3, padding='same', name='enc%d_conv%d' % (level, i))(x)
-            x = layers.LeakyReLU(0.2, name='enc%d_act%d' % (level, i))(x)
-        if level < len(features) - 1:
-            skips.append(x)
-            x = layers.MaxPooling3D(2, name='pool%d' % level)(x)
-    for level in reversed(range(1, len(features) - 1)):
-        x = layers.UpSampling3D(2, name='up%d' % level)(x)
-        x = layers.Concatenate(name='skip%d' % level)([x, skips[level]])
-        x = layers.Conv3D(features[level], 3, padding='same', name='dec%d_conv' % level)(x)
-        x = layers.LeakyReLU(0.2, name='dec%d_act' % level)(x)
-    x = layers.Conv3D(features[1], 1, name='embed')(x)
+    x = layers.Conv3D(features[1], 1, name='embed')(encoder_decoder(image, features, 1))
     encoder = keras.Model(image, L2Normalize(name='unit')(x), name='encoder')
 
     moving = Channels(0, 1, name='moving_image')(pair)

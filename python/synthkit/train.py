@@ -631,7 +631,8 @@ LOSS_NAMES = {
                          'coord_weight x mean squared source-point distance (mm^2)',
     'synthmorph_deform': '(1 - lambda) (1 - soft Dice of the moved label maps + coord_weight x '
                          'mean source-point distance (mm) over labelled voxels) + '
-                         'lambda mean |grad v|^2, lambda ~ U(0, 1) per step'}
+                         'lambda mean |grad v|^2 + match_weight x cross-entropy of the cost volume '
+                         'against the true matches, lambda ~ U(0, 1) per step'}
 
 
 def preset(task, maps):
