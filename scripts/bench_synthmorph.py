@@ -530,6 +530,12 @@ def main():
                 scores['oasis_pairs_dice_minus_ants_syn'] = round(j['dice'] - a['dice'], 4)
                 if j['seconds'] > 0:
                     scores['speedup_vs_ants_syn'] = round(a['seconds'] / j['seconds'], 1)
+            if method == 'synthmorph-joint' and 'synthmorph-deform' in summ:
+                # the deformable model alone (-m deform): on pairs that are already affinely
+                # aligned, joint also carries the affine model's errors
+                d = summ['synthmorph-deform']
+                scores['deform_only_oasis_pairs_mean_dice'] = round(d['dice'], 4)
+                scores['deform_only_seconds_oasis_2threads'] = round(d['seconds'], 1)
             merge_card(card, scores)
         elif card:
             print('%s did not run: %s not updated' % (method, card), flush=True)
