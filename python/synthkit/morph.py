@@ -293,15 +293,8 @@ class Correlation(keras.layers.Layer):
 
     def call(self, inputs):
         fixed, moving = inputs
-        r = self.radius
-        padded = ops.pad(moving, [[0, 0], [r, r], [r, r], [r, r], [0, 0]])
-        size = ops.shape(fixed)
-        out = []
-        for d in correlation_shifts(r):
-            start = [0, int(d[0]) + r, int(d[1]) + r, int(d[2]) + r, 0]
-            shifted = ops.slice(padded, start, size)
-            out.append(ops.sum(fixed * shifted, axis=-1))
-        return ops.stack(out, axis=-1)
+        return ops.stack([ops.sum(fixed * shifted, axis=-1)
+                          for shifted in shifted_copies(moving, self.radius)], axis=-1)
 
     def compute_output_shape(self, input_shape):
         return (*input_shape[0][:-1], (2 * self.radius + 1) ** 3)
@@ -314,6 +307,16 @@ def correlation_shifts(radius):
     """The integer shifts (K, 3) of :class:`Correlation`, x-major."""
     r = np.arange(-radius, radius + 1, dtype=np.float32)
     return np.stack(np.meshgrid(r, r, r, indexing='ij'), -1).reshape(-1, 3)
+
+
+def shifted_copies(x, radius, fill=0.0):
+    """``x(. + d)`` (B, X, Y, Z, C) for each shift ``d`` of :func:`correlation_shifts`, in that
+    order; ``fill`` where ``x + d`` leaves the grid."""
+    r = radius
+    padded = ops.pad(x, [[0, 0], [r, r], [r, r], [r, r], [0, 0]], constant_values=fill)
+    size = ops.shape(x)
+    for d in correlation_shifts(r):
+        yield ops.slice(padded, [0, int(d[0]) + r, int(d[1]) + r, int(d[2]) + r, 0], size)
 
 
 class SoftArgmax(keras.layers.Layer):
@@ -489,12 +492,8 @@ class MatchLoss(keras.layers.Layer):
         pool = lambda t: ops.average_pool(t, 2, strides=2, padding='valid')  # noqa: E731
         mc, fc = pool(mc), pool(fc)
         mask = ops.cast(pool(1 - lf[..., :1])[..., 0] > 0.5, 'float32')
-        r = self.radius
-        padded = ops.pad(mc, [[0, 0], [r, r], [r, r], [r, r], [0, 0]], constant_values=1e4)
-        size = ops.shape(fc)
-        d2 = [ops.sum(ops.square(ops.slice(padded, [0, int(d[0]) + r, int(d[1]) + r,
-                                                    int(d[2]) + r, 0], size) - fc), axis=-1)
-              for d in correlation_shifts(r)]
+        d2 = [ops.sum(ops.square(shifted - fc), axis=-1)
+              for shifted in shifted_copies(mc, self.radius, fill=1e4)]
         target = ops.softmax(-ops.stack(d2, axis=-1) / (2 * self.sigma_mm ** 2), axis=-1)
         logp = ops.log_softmax(ops.exp(self.log_t) * cost, axis=-1)
         ce = -ops.sum(target * logp, axis=-1)

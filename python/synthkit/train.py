@@ -229,8 +229,10 @@ def label_dice(a, b):
 
 
 class DeformTask(_RegistrationTask):
-    """SynthMorph deformable: a lambda-conditioned U-Net predicts a stationary velocity field;
-    loss ``(1 - lambda) (1 - Dice) + lambda |grad v|^2``; trained on brain label maps and, with
+    """SynthMorph deformable: a lambda-conditioned network (``net.kind``: the correlation network
+    of the preset, or a U-Net) predicts a stationary velocity field; loss ``(1 - lambda)
+    (1 - Dice + coord_weight E) + lambda |grad v|^2 (+ match_weight M)``; trained on brain label
+    maps and, with
     probability ``shapes_prob``, on random-shapes label maps; score: mean hard Dice of the moved
     labels at lambda = 0.5."""
     net_name = 'deform_velocity'
@@ -491,7 +493,8 @@ class Trainer:
             vd = ''
             if val is not None and (step % cfg.val_every == 0 or step == cfg.steps):
                 vd = '%.4f' % self.validate(model, val)
-            if step % 10 == 0 or vd or step == cfg.steps:
+            out_of_time = max_minutes is not None and time.time() - t0 > 60 * max_minutes
+            if step % 10 == 0 or vd or step == cfg.steps or out_of_time:
                 log.writerow([step, '%.4f' % np.mean(losses), '%.0f' % (seconds0 + time.time() - t0),
                               vd])
                 logf.flush()
@@ -499,15 +502,11 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss='%.3f' % loss, refresh=False)
-            out_of_time = max_minutes is not None and time.time() - t0 > 60 * max_minutes
             if time.time() - last_ckpt > 60 * cfg.checkpoint_minutes or step == cfg.steps \
                     or out_of_time:
                 self.save(model, step, seconds0 + time.time() - t0)
                 last_ckpt = time.time()
             if out_of_time:
-                if vd == '' and step % 10:
-                    log.writerow([step, '%.4f' % np.mean(losses),
-                                  '%.0f' % (seconds0 + time.time() - t0), ''])
                 print('stopped at step %d after %.1f min' % (step, (time.time() - t0) / 60),
                       flush=True)
                 break
@@ -537,9 +536,10 @@ def load_checkpoint(task, path):
     return keras.models.load_model(path, custom_objects=CUSTOM_OBJECTS)
 
 
-def _task_of(run_config):
-    return TASKS[run_config.get('task', 'synthseg')](TrainConfig(**{
-        k: v for k, v in run_config.items() if k in TrainConfig.__dataclass_fields__}))
+def _config_of(values):
+    """The TrainConfig of a run's config.json values (older runs may lack newer fields)."""
+    fields = TrainConfig.__dataclass_fields__
+    return TrainConfig(**{k: v for k, v in values.items() if k in fields})
 
 
 def read_log(run_dir):
@@ -553,7 +553,7 @@ def compare_norm_statistics(run_dir, model, label_dir):
     running averages ('moving') and with each image's own statistics ('image')."""
     with open(os.path.join(run_dir, 'config.json')) as f:
         values = json.load(f)
-    cfg = TrainConfig(**{k: v for k, v in values.items() if k in TrainConfig.__dataclass_fields__})
+    cfg = _config_of(values)
     cfg.val_maps = [os.path.join(label_dir, name) for name in cfg.val_maps]
     trainer = Trainer.__new__(Trainer)
     trainer.cfg, trainer.task = cfg, TASKS[cfg.task](cfg)
@@ -570,14 +570,15 @@ def export(run_dir, prefix, scores=None, notes='', label_dir=None):
     ``input.norm_statistics`` is whichever batch-norm mode scores better on them."""
     with open(os.path.join(run_dir, 'config.json')) as f:
         cfg = json.load(f)
-    model = load_checkpoint(_task_of(cfg), os.path.join(run_dir, 'ckpt.keras'))
+    config = _config_of(cfg)
+    task, task_obj = config.task, TASKS[config.task](config)
+    model = load_checkpoint(task_obj, os.path.join(run_dir, 'ckpt.keras'))
     with open(os.path.join(run_dir, 'state.json')) as f:
         state = json.load(f)
     os.makedirs(os.path.dirname(prefix) or '.', exist_ok=True)
-    task = cfg.get('task', 'synthseg')
-    registration = hasattr(TASKS[task], 'network')     # the bare network is part of the model
+    registration = hasattr(task_obj, 'network')     # the bare network is part of the model
     if registration:
-        bare = _task_of(cfg).network()
+        bare = task_obj.network()
         bare.set_weights(model.get_layer(bare.name).get_weights())
         architecture = {'type': bare.name, **cfg['task_options'].get('net', {})}
     else:
