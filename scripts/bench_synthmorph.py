@@ -12,6 +12,8 @@ Methods, each command its own process, on the CPU:
   `mri_synthmorph apply -m nearest X.lta A/aseg moved`;
 - synthmorph-deform (deformable only, the pairs being affinely pre-aligned): `register -m
   deform ... -t X.nii.gz -j N`, then apply as below;
+- synthmorph-deform-coarse: the same with `--fine 0` (the network's own 2 mm grid only, no 1 mm
+  level: faster, less accurate);
 - synthmorph-joint (affine then deformable): `register -m joint ... -t X.nii.gz -j N` (a
   displacement field on B's grid), then `apply -m nearest X.nii.gz A/aseg moved`;
 - ants-syn: `scripts/ants_register.py` with the benchmark venv's Python (`make .venv-bench`):
@@ -64,7 +66,10 @@ sys.path.insert(0, HERE)
 from synthkit import io, labels, transforms  # noqa: E402
 from benchlib import measure, merge_card, run_quiet, tail, venv_problem  # noqa: E402
 
-METHODS = ('synthmorph-affine', 'synthmorph-deform', 'synthmorph-joint', 'ants-syn')
+METHODS = ('synthmorph-affine', 'synthmorph-deform', 'synthmorph-deform-coarse',
+           'synthmorph-joint', 'ants-syn')
+#: extra register arguments of a method
+EXTRA_ARGS = {'synthmorph-deform-coarse': ['--fine', '0']}
 BASELINE = 'identity'
 #: Structures scored: the aseg labels of mri_synthseg's output without background and CSF.
 STRUCTURES = tuple(l for l in labels.SEGMENTATION_LABELS if l not in (0, 24))
@@ -107,8 +112,9 @@ def synthmorph_base(tool):
     return [sys.executable, os.path.join(ROOT, 'bin', 'mri_synthmorph')]
 
 
-def register_cmd(base, model, moving, fixed, trans, threads, weights=None):
+def register_cmd(base, model, moving, fixed, trans, threads, weights=None, extra=()):
     cmd = base + ['register', '-m', model, moving, fixed, '-t', trans, '-j', str(threads)]
+    cmd += list(extra)
     for w in weights or ():
         cmd += ['-w', w]
     return cmd
@@ -268,6 +274,15 @@ def targets(summ, n_pairs):
         speed = ants['seconds'] / joint['seconds'] if joint['seconds'] > 0 else float('nan')
         out.append(('>= %.0fx the speed of ANTs SyN' % TARGET_SPEEDUP, '%sx' % fmt(speed, '%.1f'),
                     ok(speed >= TARGET_SPEEDUP, 'synthmorph-joint', 'ants-syn')))
+    coarse = summ.get('synthmorph-deform-coarse')
+    if coarse and ants:      # the fast setting (--fine 0), for comparison
+        gap = coarse['dice'] - ants['dice']
+        speed = ants['seconds'] / coarse['seconds'] if coarse['seconds'] > 0 else float('nan')
+        out.append(('(--fine 0) Dice within %.2f of ANTs SyN' % TARGET_ANTS_GAP, '%+.3f' % gap,
+                    ok(gap >= -TARGET_ANTS_GAP, 'synthmorph-deform-coarse', 'ants-syn')))
+        out.append(('(--fine 0) >= %.0fx the speed of ANTs SyN' % TARGET_SPEEDUP,
+                    '%sx' % fmt(speed, '%.1f'),
+                    ok(speed >= TARGET_SPEEDUP, 'synthmorph-deform-coarse', 'ants-syn')))
     return out
 
 
@@ -324,7 +339,9 @@ def report(results, pairs, args, info, errors):
               '**synthmorph-affine**: `mri_synthmorph register -m affine A B -t X.lta -j %d`, then '
               '`mri_synthmorph apply -m nearest X.lta A/aseg.nii.gz moved.nii.gz`. '
               '**synthmorph-deform**: the same with `-m deform -t X.nii.gz` (deformable only, '
-              'the pairs being affinely pre-aligned; a displacement field on B\'s grid). '
+              'the pairs being affinely pre-aligned; a displacement field on B\'s grid; '
+              'coarse to fine: the network on its 2 mm grid, then on a 1 mm grid). '
+              '**synthmorph-deform-coarse**: the same with `--fine 0` (the 2 mm level only). '
               '**synthmorph-joint**: the same with `-m joint -t X.nii.gz` (affine then '
               'deformable). '
               '**ants-syn**: `scripts/ants_register.py` in the benchmark venv: '
@@ -384,7 +401,8 @@ def run_synthmorph(method, base, mov, fix, fixed_seg, mask, work, env, args):
     weights = [w or default_weights(n) for w, n in zip(weights, names)] if any(weights) \
         else None
     rc, wall, peak, text = measure(register_cmd(base, model, mov['t1'], fix['t1'], trans,
-                                                args.threads, weights), env=env)
+                                                args.threads, weights,
+                                                EXTRA_ARGS.get(method, ())), env=env)
     if rc != 0 or not os.path.isfile(trans):
         return 'register failed (exit %d): %s' % (rc, tail(text))
     rc, wall_apply, peak_apply, text = measure(apply_cmd(base, trans, mov['aseg'], moved), env=env)
@@ -536,6 +554,10 @@ def main():
                 d = summ['synthmorph-deform']
                 scores['deform_only_oasis_pairs_mean_dice'] = round(d['dice'], 4)
                 scores['deform_only_seconds_oasis_2threads'] = round(d['seconds'], 1)
+            if method == 'synthmorph-joint' and 'synthmorph-deform-coarse' in summ:
+                d = summ['synthmorph-deform-coarse']
+                scores['deform_fine0_oasis_pairs_mean_dice'] = round(d['dice'], 4)
+                scores['deform_fine0_seconds_oasis_2threads'] = round(d['seconds'], 1)
             merge_card(card, scores)
         elif card:
             print('%s did not run: %s not updated' % (method, card), flush=True)

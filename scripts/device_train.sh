@@ -4,9 +4,12 @@
 # trained in runs/NAME from the weights INIT (shipped or work-in-progress), or resumed there when
 # an earlier call on the same machine left a checkpoint; the KEY=JSON items are train.py --set
 # overrides. All runs train concurrently for $MINUTES minutes (default 8); then each run
-# directory and its log are packed into $OUT/NAME.tgz.
+# directory and its log are packed into $OUT/NAME.tgz. $WORKERS lists, run by run, how many CPU
+# processes generate its training data (default 0: the training process itself, which leaves
+# the GPU mostly idle).
 #
-#   bash scripts/device_train.sh synthmorph_deform:synthmorph_deform:models/wip/synthmorph_deform
+#   WORKERS="10" bash scripts/device_train.sh \
+#       synthmorph_deform:synthmorph_deform:models/wip/synthmorph_deform
 #
 # Needs the wheels in .whl/ (keras, namex, optree, nibabel for the machine's Python) and the
 # label maps in .data/label_maps/, both ignored by git and carried by the device tool.
@@ -20,10 +23,11 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" runs
 names=()
+read -r -a workers <<< "${WORKERS:-}"
 for spec in "$@"; do
     IFS=: read -r name task init sets <<< "$spec"
     args=(--task "$task" --labels .data/label_maps --run "runs/$name" --steps 1000000
-          --minutes "$MINUTES" --checkpoint-minutes 2)
+          --minutes "$MINUTES" --checkpoint-minutes 2 --workers "${workers[${#names[@]}]:-0}")
     [ -n "$init" ] && [ ! -f "runs/$name/state.json" ] && args+=(--init "$init")
     IFS=';' read -r -a items <<< "${sets:-}"
     for item in "${items[@]}"; do args+=(--set "$item"); done

@@ -34,6 +34,9 @@ def main():
     p.add_argument('--set', action='append', default=[], metavar='KEY=JSON',
                    help='override a TrainConfig field or a task option (task_options.NAME), '
                         'e.g. learning_rate=1e-3 or task_options.coord_weight=0.1')
+    p.add_argument('--workers', type=int, default=0,
+                   help='generate the training data in this many CPU processes (default: in '
+                        'the training process)')
     p.add_argument('--export-only', action='store_true', help='only export the last checkpoint')
     p.add_argument('--init', help='start a new run from shipped weights PREFIX (e.g. '
                                   'models/synthseg), continuing their step count')
@@ -50,7 +53,7 @@ def main():
     run = args.run or os.path.join('runs', args.task)
     if not args.export_only:
         train.Trainer(cfg, run, progress=sys.stderr.isatty(), init=args.init).run(
-            max_minutes=args.minutes)
+            max_minutes=args.minutes, workers=args.workers)
     if args.export:
         card = train.export(run, args.export, label_dir=args.labels)
         print('exported %s.weights.h5 (%d steps)' % (args.export, card['training']['steps']))

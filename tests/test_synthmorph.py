@@ -174,6 +174,50 @@ def test_warp_to_world_of_a_zero_field_is_the_matrix(models, pair):
     assert np.allclose(disp, expect, atol=1e-4)
 
 
+def test_composed_displacements_add_shifts_and_undo_each_other():
+    shape = (12, 10, 8)
+    a = np.broadcast_to(np.float32([1.5, -2, 0.5]), shape + (3,)).copy()
+    b = np.broadcast_to(np.float32([-0.5, 1, 2]), shape + (3,)).copy()
+    assert np.allclose(morph.compose_displacements(a, b), a + b, atol=1e-5)
+    # a smooth SVF composed with the integral of its negation is the identity in the interior
+    rng = np.random.default_rng(3)
+    from synthkit.layers import utils
+    vel = np.asarray(utils.resize_field(rng.normal(0, 0.6, (1, 3, 3, 3, 3)).astype(np.float32),
+                                        (8, 8, 8)))
+    fwd = np.asarray(morph.integrate(vel, (16, 16, 16), 7))[0]
+    inv = np.asarray(morph.integrate(-vel, (16, 16, 16), 7))[0]
+    both = morph.compose_displacements(inv, fwd)[4:-4, 4:-4, 4:-4]
+    assert np.abs(fwd).max() > 1 and np.median(np.abs(both)) < 0.02
+
+
+def test_regridded_displacement_keeps_the_world_shift():
+    coarse = np.diag([-2.0, 2.0, 2.0, 1])      # different axes and voxel sizes
+    coarse[:3, 3] = [30, -30, -20]
+    fine = np.array([[-1.0, 0, 0, 31], [0, 0, 1, -31], [0, -1, 0, 21], [0, 0, 0, 1]])
+    shift_world = np.array([2.0, -1.0, 3.0])
+    disp = np.broadcast_to((np.linalg.inv(coarse[:3, :3]) @ shift_world).astype(np.float32),
+                           (32, 32, 24, 3)).copy()
+    out = morph.regrid_displacement(disp, coarse, (48, 40, 48), fine)
+    world = out[10:30, 10:30, 10:30] @ fine[:3, :3].T
+    assert np.allclose(world, shift_world, atol=1e-4)
+
+
+def test_registrar_fine_level_runs_on_the_finer_grid_and_stays_invertible(models, pair):
+    reg = _registrar(models)
+    m, f = (io.load_volume(p) for p in pair)
+    mv, fv = (m.data, m.affine), (f.data, f.affine)
+    said = []
+    fwd, inv, shape, grid = reg.deformation(mv, fv, np.eye(4), fine_mm=1.0, progress=said.append)
+    assert len(said) == 2 and '1 mm' in said[1]
+    assert np.allclose(np.abs(np.diag(grid[:3, :3] @ grid[:3, :3].T)), 1)   # 1 mm voxels
+    assert fwd.shape == inv.shape == tuple(shape) + (3,)
+    coarse, _, cshape, _ = reg.deformation(mv, fv, np.eye(4), inverse=False)
+    assert all(a < b for a, b in zip(cshape, shape)) and np.abs(coarse).max() > 0.1
+    # the inverse composition undoes the forward one in the interior
+    inner = tuple(slice(n // 4, -(n // 4)) for n in shape)
+    assert np.median(np.abs(morph.compose_displacements(inv, fwd)[inner])) < 0.05
+
+
 def _call(argv):
     with pytest.raises(SystemExit) as e:
         synthmorph.main(argv)

@@ -601,11 +601,12 @@ class Registrar:
             self.deform_net = build_network(self.deform_card)
             self.deform_net.load_weights(weights)
 
-    def network_grid(self, card, src_shape, src_affine):
+    def network_grid(self, card, src_shape, src_affine, voxsize=None):
         """(shape, affine) of a network grid over an image's field of view: LIA voxels of the
-        model's size (``card``), a multiple of 16, at most ``extent`` mm per axis."""
+        model's size (``card``; or ``voxsize`` mm), a multiple of 16, at most ``extent`` mm per
+        axis."""
         from . import io
-        vox = float(card['input']['voxsize_mm'])
+        vox = float(voxsize or card['input']['voxsize_mm'])
         shape, grid = io.conform_grid(src_shape, src_affine, vox, 'LIA', multiple=16)
         limit = int(self.extent // vox) // 16 * 16
         if max(shape) > limit:
@@ -638,25 +639,60 @@ class Registrar:
         return np.linalg.inv(fixed_to_moving)
 
     # ------------------------------------------------------------------------- deformable
-    def deform_grid(self, fixed_shape, fixed_affine):
+    def deform_grid(self, fixed_shape, fixed_affine, voxsize=None):
         """(shape, affine) of the grid the deformable network runs on: the fixed image's
-        :meth:`network_grid`."""
-        return self.network_grid(self.deform_card, fixed_shape, fixed_affine)
+        :meth:`network_grid` (voxels of the model's size, or ``voxsize`` mm)."""
+        return self.network_grid(self.deform_card, fixed_shape, fixed_affine, voxsize)
 
-    def velocity(self, moving, fixed, matrix, lam=0.5):
+    def velocity(self, moving, fixed, matrix, lam=0.5, voxsize=None, disp=None):
         """Symmetric velocity field on the half-resolution deformable grid, and that grid.
 
-        The moving image is resampled onto the fixed image's network grid through ``matrix``
-        (moving -> fixed RAS) first; the field maps that grid to itself, in its voxels."""
+        The moving image is resampled onto the fixed image's network grid (of ``voxsize`` mm,
+        default the model's) through ``matrix`` (moving -> fixed RAS) first, then warped by
+        ``disp`` (X, Y, Z, 3) on that grid, in its voxels, if given (a coarser level's result);
+        the field maps that grid to itself, in its voxels."""
         from . import io
-        shape, grid = self.deform_grid(fixed[0].shape, fixed[1])
+        shape, grid = self.deform_grid(fixed[0].shape, fixed[1], voxsize)
         f = io.resample(io.rescale_intensities(fixed[0]), fixed[1], shape, grid, 'linear')
         m = io.resample(io.rescale_intensities(moving[0]), matrix @ moving[1], shape, grid,
                         'linear')
+        if disp is not None:
+            m = warp_image(m, disp)
         lam = np.array([[lam]], np.float32)
         v1 = _predict(self.deform_net, [np.stack([m, f], -1)[None], lam])
         v2 = _predict(self.deform_net, [np.stack([f, m], -1)[None], lam])
         return (v1 - v2) / 2, shape, grid
+
+    def deformation(self, moving, fixed, matrix, lam=0.5, steps=7, inverse=True,
+                    fine_mm=None, progress=None):
+        """Coarse-to-fine deformable registration: ``(fwd, inv, shape, grid)``, displacement
+        fields (X, Y, Z, 3) in voxels of the fixed image's network grid ``(shape, grid)``.
+
+        The network runs first on its own grid (the model's voxel size), then, if ``fine_mm``
+        is smaller, once more on a ``fine_mm`` grid, on the moving image already warped by the
+        first result (a finer grid: smaller structures, the same network). Each level is a
+        symmetric SVF; the result is their composition, the inverse (if ``inverse``, else None)
+        the composition of their exact inverses ``exp(-v)``. ``progress(message)`` is told of
+        each level."""
+        levels = [float(self.deform_card['input']['voxsize_mm'])]
+        if fine_mm and float(fine_mm) < levels[0]:
+            levels.append(float(fine_mm))
+        fwd = inv = None
+        for vox in levels:
+            if fwd is not None:                  # the coarse result, on this level's grid
+                fwd = regrid_displacement(fwd, grid, *self.deform_grid(fixed[0].shape, fixed[1],
+                                                                       vox))
+                if inverse:
+                    inv = regrid_displacement(inv, grid, *self.deform_grid(
+                        fixed[0].shape, fixed[1], vox))
+            vel, shape, grid = self.velocity(moving, fixed, matrix, lam, vox, fwd)
+            u, u_inv = self.displacements(vel, shape, steps, inverse=inverse)
+            fwd = u if fwd is None else compose_displacements(fwd, u)
+            if inverse:
+                inv = u_inv if inv is None else compose_displacements(u_inv, inv)
+            if progress:
+                progress('deformation on a %s grid of %g mm' % ('x'.join(map(str, shape)), vox))
+        return fwd, inv, shape, grid
 
     def displacements(self, vel, shape, steps=7, inverse=True):
         """Forward and (if ``inverse``, else None) inverse displacement fields (X, Y, Z, 3) on
@@ -664,6 +700,39 @@ class Registrar:
         fwd = np.asarray(integrate(vel, shape, steps))[0]
         inv = np.asarray(integrate(-vel, shape, steps))[0] if inverse else None
         return fwd, inv
+
+
+def _clamped_sample(vol, disp):
+    """``vol`` (X, Y, Z, C) trilinearly sampled at ``x + disp(x)`` (voxels), points beyond
+    the grid clamped to its edge (fields and images continue with their edge values)."""
+    shape = vol.shape[:3]
+    pts = utils.volume_grid(shape) + ops.convert_to_tensor(disp.astype(np.float32))
+    pts = ops.clip(pts, 0.0, ops.convert_to_tensor(np.array(shape, np.float32) - 1))
+    return np.asarray(utils.sample_linear(ops.convert_to_tensor(vol[None]), pts[None]))[0]
+
+
+def warp_image(img, disp):
+    """Image (X, Y, Z) warped by a displacement (X, Y, Z, 3) in its voxels: ``img(x + d(x))``,
+    trilinear, zero beyond the grid."""
+    shape = img.shape
+    pts = utils.volume_grid(shape) + ops.convert_to_tensor(disp.astype(np.float32))
+    return np.asarray(utils.sample_linear(ops.convert_to_tensor(img[None, ..., None]),
+                                          pts[None]))[0, ..., 0]
+
+
+def compose_displacements(outer, inner):
+    """The displacement of the composed map ``x -> phi_outer(phi_inner(x))``, ``phi(x) = x +
+    d(x)``: ``inner(x) + outer(x + inner(x))``, fields (X, Y, Z, 3) in voxels of one grid."""
+    return inner + _clamped_sample(outer, inner)
+
+
+def regrid_displacement(disp, grid_affine, shape, affine):
+    """A displacement field (X, Y, Z, 3) in voxels of the grid ``grid_affine`` as a field on
+    another grid ``(shape, affine)`` over the same world, in its voxels (zero where the first
+    grid does not reach)."""
+    world = warp_to_world(disp, grid_affine, shape, affine)
+    return (world.reshape(-1, 3) @ np.linalg.inv(affine[:3, :3]).T.astype(np.float32)).reshape(
+        world.shape).astype(np.float32)
 
 
 def warp_to_world(disp_grid, grid_affine, target_shape, target_affine, pre=None, post=None):

@@ -171,8 +171,15 @@ class _RegistrationTask:
         params = gen.GeneratorParams.from_dict(self.cfg.generator)
         return gen.PairSampler(gen.SynthGenerator(self.cfg.shape, params, seed=seed), seed=seed)
 
-    def onehot(self, labels):
-        return np.eye(self.n_labels, dtype=np.float32)[self.lookup[labels[..., 0]]]
+    def classes(self, labels):
+        """Generation labels (B, X, Y, Z, 1) -> loss classes (B, X, Y, Z) uint8."""
+        return self.lookup[labels[..., 0]].astype(np.uint8)
+
+    def prepare(self, x):
+        """The model inputs of a sample: the class maps (inputs 2 and 3, small to pass between
+        processes) become one-hot."""
+        eye = np.eye(self.n_labels, dtype=np.float32)
+        return x[:2] + [eye[x[2]], eye[x[3]]] + x[4:]
 
     def pair(self, sampler, maps, coords=False):
         m, f = gen.registration_pair(sampler, maps)
@@ -202,7 +209,7 @@ class AffineTask(_RegistrationTask):
     def sample(self, sampler, bank, rng, n):
         maps, _ = bank.batch(n, rng)
         m, f, lm, lf, *c = self.pair(sampler, maps, bool(self.opts.get('coord_weight')))
-        x = [m, f, self.onehot(lm), self.onehot(lf)] + c
+        x = [m, f, self.classes(lm), self.classes(lf)] + c
         return x, {'n': n, 'moving': lm, 'fixed': lf}
 
     def validate(self, model, pairs):
@@ -266,7 +273,7 @@ class DeformTask(_RegistrationTask):
         else:
             m, f, lm, lf, *c = self.pair(sampler, maps, coords)
         lam = rng.uniform(*self.lam_range, size=(n, 1)).astype(np.float32)
-        x = [m, f, self.onehot(lm), self.onehot(lf), lam] + c
+        x = [m, f, self.classes(lm), self.classes(lf), lam] + c
         return x, {'n': n, 'moving': lm, 'fixed': lf}
 
     def same_contrast_pair(self, sampler, maps, rng, coords):
@@ -418,17 +425,24 @@ class Trainer:
                       loss=self.task.loss())
         return model
 
-    def _generator(self, step):
+    def _generator(self, step, worker=None):
+        """(sampler, rng) of the stream that starts at ``step`` (of sampling process
+        ``worker``, when several feed the training)."""
         params = gen.GeneratorParams.from_dict(self.cfg.generator)
         seed = self.cfg.seed * 100003 + step
+        if worker is not None:
+            seed = int(np.random.SeedSequence((self.cfg.seed, step, worker)).generate_state(1)[0])
         if hasattr(self.task, 'make_sampler'):
             return self.task.make_sampler(seed), np.random.default_rng(seed)
         g = gen.SynthGenerator(self.cfg.shape, params, seed=seed)
         return gen.PairSampler(g, seed=seed), np.random.default_rng(seed)
 
-    def _pairs(self, sampler, bank, rng, n):
+    def _pairs(self, sampler, bank, rng, n, raw=False):
+        """One batch ``(x, target)``; ``raw``: before ``task.prepare`` (what sampling
+        processes send)."""
         if hasattr(self.task, 'sample'):
-            return self.task.sample(sampler, bank, rng, n)
+            x, t = self.task.sample(sampler, bank, rng, n)
+            return (x, t) if raw else (self.task.prepare(x), t)
         x, _ = bank.batch(n, rng)
         out = sampler(x)
         return np.asarray(out['image']), self.task.target(np.asarray(out['labels']))
@@ -449,9 +463,11 @@ class Trainer:
         return float(np.mean([self.task.score(np.asarray(model.predict_on_batch(x)), t)
                               for x, t in pairs]))
 
-    def run(self, max_minutes=None):
+    def run(self, max_minutes=None, workers=0):
         """Train to ``cfg.steps``, or until ``max_minutes`` of wall time have passed (then
-        checkpoint and return: a time budget, e.g. a lent GPU machine's)."""
+        checkpoint and return: a time budget, e.g. a lent GPU machine's). ``workers`` > 0
+        samples the synthetic batches in that many CPU processes (a GPU machine: the network
+        trains on the GPU while its CPU cores generate the data)."""
         cfg = self.cfg
         state = self._state()
         start = state['step']
@@ -473,7 +489,9 @@ class Trainer:
             return model
         bank = gen.LabelMapBank(cfg.label_maps)
         val = self.validation_set()
-        sampler, rng = self._generator(start)
+        feed = SamplingProcesses(self, start, workers) if workers else None
+        if feed is None:
+            sampler, rng = self._generator(start)
         new_log = not os.path.exists(self.log_path)
         logf = open(self.log_path, 'w' if new_log else 'a', newline='')
         log = csv.writer(logf)
@@ -486,7 +504,10 @@ class Trainer:
             bar = tqdm(total=cfg.steps, initial=start, unit='step', mininterval=10)
         losses = []
         for step in range(start + 1, cfg.steps + 1):
-            x, t = self._pairs(sampler, bank, rng, cfg.batch_size)
+            if feed is None:
+                x, t = self._pairs(sampler, bank, rng, cfg.batch_size)
+            else:
+                x, t = feed.get()
             y = self.task.encode(t)
             loss = float(np.asarray(model.train_on_batch(x, y)))
             losses.append(loss)
@@ -511,6 +532,8 @@ class Trainer:
                       flush=True)
                 break
         logf.close()
+        if feed is not None:
+            feed.close()
         if bar is not None:
             bar.close()
         return model
@@ -522,6 +545,66 @@ class Trainer:
         _atomic_json({'step': step, 'seconds': seconds,
                       'saved': datetime.datetime.now().isoformat(timespec='seconds')},
                      self.state_path)
+
+
+def _sampling_process(cfg, start, worker, queue):
+    """Body of one sampling process: batches ``(x, target)`` of the stream (``start``,
+    ``worker``) into ``queue``, before ``task.prepare``, until killed."""
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg, trainer.task = cfg, TASKS[cfg.task](cfg)
+    bank = gen.LabelMapBank(cfg.label_maps)
+    sampler, rng = trainer._generator(start, worker)
+    while True:
+        queue.put(trainer._pairs(sampler, bank, rng, cfg.batch_size, raw=True))
+
+
+class SamplingProcesses:
+    """``n`` processes generating training batches on the CPU (one thread each, the
+    accelerator hidden from them); ``get()`` returns the next prepared batch."""
+
+    #: environment of the sampling processes: CPU only, one compute thread
+    ENV = {'JAX_PLATFORMS': 'cpu', 'CUDA_VISIBLE_DEVICES': '',
+           'XLA_FLAGS': '--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1',
+           'OMP_NUM_THREADS': '1', 'TF_NUM_INTRAOP_THREADS': '1', 'TF_NUM_INTEROP_THREADS': '1',
+           'TF_CPP_MIN_LOG_LEVEL': '3'}
+
+    def __init__(self, trainer, start, n):
+        import multiprocessing
+        ctx = multiprocessing.get_context('spawn')
+        self.task = trainer.task
+        self.queue = ctx.Queue(maxsize=2 * n)
+        saved = {k: os.environ.get(k) for k in self.ENV}
+        os.environ.update(self.ENV)
+        try:
+            self.procs = [ctx.Process(target=_sampling_process,
+                                      args=(trainer.cfg, start, i, self.queue), daemon=True)
+                          for i in range(n)]
+            for proc in self.procs:
+                proc.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    def get(self):
+        import queue
+        while True:
+            try:
+                x, t = self.queue.get(timeout=60)
+                break
+            except queue.Empty:
+                if not any(p.is_alive() for p in self.procs):
+                    raise RuntimeError('all sampling processes have stopped')
+        prepare = getattr(self.task, 'prepare', None)
+        return (prepare(x) if prepare else x), t
+
+    def close(self):
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            proc.join(timeout=10)
 
 
 def load_checkpoint(task, path):

@@ -33,7 +33,10 @@ Align a moving image to a fixed image, of any contrast and resolution, skull-str
   rigid    the same feature points, fitted with a rotation and translation only
   deform   a network predicts a stationary velocity field from both scans (assumed already
            affinely aligned, or aligned by -i), integrated by scaling and squaring (-n steps);
-           symmetric: the inverse is the integral of the negated field. Smoother for larger -r
+           symmetric: the inverse is the integral of the negated field. Smoother for larger -r.
+           Coarse to fine: the network runs on its own 2 mm grid, then once more on a 1 mm
+           grid (--fine) with the moving image warped by the first field; the transform is the
+           composition of both (the inverse, that of their inverses)
   joint    affine, then deform (the default)
 
 Transforms (-t, -T) are saved as FreeSurfer LTA matrices (.lta) for rigid and affine, and as
@@ -98,6 +101,9 @@ def build_parser():
     r.add_argument('-n', '--steps', metavar='N', type=int, default=7,
                    help='integration steps of the deformation, at least 5 '
                         '(default: %(default)s)')
+    r.add_argument('--fine', metavar='MM', type=float, default=1.0,
+                   help='voxel size of the fine deformable level; 0 runs only the network\'s '
+                        'own grid: about 3x faster and less accurate (default: %(default)s)')
     r.add_argument('-e', '--extent', type=int, choices=(256, 192), default=256,
                    help='isotropic extent of the network grid in mm (default: %(default)s)')
     r.add_argument('-w', '--weights', metavar='FILE', action='append',
@@ -142,6 +148,8 @@ def check_register(args):
         return '-r must lie in the open interval (0, 1)'
     if args.steps < 5:
         return '-n must be at least 5'
+    if not (args.fine == 0 or 0.5 <= args.fine <= 4):
+        return '--fine must be 0 (off) or a voxel size from 0.5 to 4 mm, got %g' % args.fine
     if args.weights and len(args.weights) != len(MODELS[args.model]):
         return '-w: model %s needs %d weight file(s)' % (args.model, len(MODELS[args.model]))
     deformable = args.model in ('deform', 'joint')
@@ -222,11 +230,10 @@ def register(args):
         inv = fwd.inverse()
     else:
         need_inverse = bool(args.inverse or args.out_fixed)
-        vel, shape, grid = reg.velocity((mdata, mov.affine), (fdata, fix.affine), matrix,
-                                        args.regularization)
-        u, u_inv = reg.displacements(vel, shape, args.steps, inverse=need_inverse)
-        say('deformation found on a %s grid (%.1f s)' % ('x'.join(map(str, shape)),
-                                                         time.time() - t0))
+        u, u_inv, shape, grid = reg.deformation(
+            (mdata, mov.affine), (fdata, fix.affine), matrix, args.regularization, args.steps,
+            inverse=need_inverse, fine_mm=args.fine,
+            progress=lambda msg: say('%s (%.1f s)' % (msg, time.time() - t0)))
         fwd = transforms.Transform(
             disp=morph.warp_to_world(u, grid, dst.shape, dst.affine, post=np.linalg.inv(matrix)),
             source=src, target=dst)
