@@ -44,11 +44,13 @@ bench-synthstrip: install
 	$(PY) scripts/bench_synthstrip.py --data $(DATA)/dev_eval --cache .cache/mricron \
 	    --deepbet-python $(BENCH_VENV)/bin/python --out docs/bench_synthstrip.md
 
-# Dice of moved asegs on the 6 ordered OASIS pairs, affine and joint, with ANTs SyN alongside.
+# Dice of moved asegs on the 6 ordered OASIS pairs, affine and deformable, with ANTs SyN alongside;
+# the scores go into the model cards.
 bench-synthmorph: install
 	$(MAKE) --no-print-directory $(BENCH_VENV)/.installed || echo 'antspyx venv not installed: benchmarking without ANTs'
 	$(PY) scripts/bench_synthmorph.py --data $(DATA)/dev_eval \
-	    --ants-python $(BENCH_VENV)/bin/python --out docs/bench_synthmorph.md
+	    --ants-python $(BENCH_VENV)/bin/python --out docs/bench_synthmorph.md \
+	    --card-affine models/synthmorph_affine.json --card-deform models/synthmorph_deform.json
 
 .PHONY: .venv-bench
 .venv-bench: $(BENCH_VENV)/.installed

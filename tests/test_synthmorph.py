@@ -415,8 +415,11 @@ def test_registration_tasks_train_resume_and_export(task, tmp):
     cfg.steps = 3
     train.Trainer(cfg, run, progress=False).run()        # resumes from the checkpoint
     assert train.read_log(run)[-1]['step'] == '3'
+    cfg.steps = 4                                        # batches from a sampling process
+    train.Trainer(cfg, run, progress=False).run(workers=1)
+    assert train.read_log(run)[-1]['step'] == '4'
     card = train.export(run, os.path.join(tmp, 'model'))
-    assert card['training']['steps'] == 3 and card['task'] == task
+    assert card['training']['steps'] == 4 and card['task'] == task
     net = morph.build_network(card)
     net.load_weights(os.path.join(tmp, 'model.weights.h5'))
     assert len(net.weights) > 0

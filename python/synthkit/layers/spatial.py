@@ -128,7 +128,7 @@ class IntegrateVelocity(keras.layers.Layer):
             # the field is extended beyond the grid by its edge values (as neurite's VecInt):
             # zero padding would shrink displacements pointing out of the volume at each squaring
             coords = ops.minimum(ops.maximum(grid + disp, 0.0), upper)
-            disp = disp + utils.sample(disp, coords, interp='linear', fill=0)
+            disp = disp + utils.sample_linear(disp, coords, fill=0)   # all channels at once
         return disp
 
     def get_config(self):
