@@ -9,7 +9,7 @@
 # the GPU mostly idle).
 #
 #   WORKERS="10" bash scripts/device_train.sh \
-#       synthmorph_deform:synthmorph_deform:models/wip/synthmorph_deform
+#       synthmorph_deform:synthmorph_deform:models/synthmorph_deform
 #
 # Needs the wheels in .whl/ (keras, namex, optree, nibabel for the machine's Python) and the
 # label maps in .data/label_maps/, both ignored by git and carried by the device tool.
