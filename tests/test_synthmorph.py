@@ -279,6 +279,10 @@ def test_register_refuses_bad_outputs_and_multiframe(models, pair, tmp, capsys):
     m, f = pair
     assert _call(['register', m, f, '-m', 'deform', '-w', models[1], '-t',
                   os.path.join(tmp, 'x.lta')]) == 2
+    capsys.readouterr()
+    assert _call(['register', m, f, '-m', 'deform', '-w', models[1], '--fine', '0.2', '-t',
+                  os.path.join(tmp, 'x.nii.gz')]) == 2
+    assert '--fine' in capsys.readouterr().err
     four = os.path.join(tmp, 'four.nii.gz')
     nib.save(nib.Nifti1Image(np.ones((8, 8, 8, 2), np.float32), np.eye(4)), four)
     capsys.readouterr()
