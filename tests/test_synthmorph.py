@@ -5,6 +5,7 @@ with fresh random weights are saved with model cards to a scratch folder)."""
 import json
 import os
 
+import keras
 import nibabel as nib
 import numpy as np
 import pytest
@@ -424,9 +425,26 @@ def test_registration_tasks_train_resume_and_export(task, tmp):
     assert train.read_log(run)[-1]['step'] == '4'
     card = train.export(run, os.path.join(tmp, 'model'))
     assert card['training']['steps'] == 4 and card['task'] == task
+    here = train.device_description()
+    assert card['training']['device'] == 'steps 0-4: ' + here      # three sessions, one device
+    # a re-export keeps the card's notes (and drops scores measured on other weights)
+    with open(os.path.join(tmp, 'model.json')) as f:
+        old = json.load(f)
+    old['notes'], old['scores'] = 'trained on a test machine', {'dice': 1.0}
+    with open(os.path.join(tmp, 'model.json'), 'w') as f:
+        json.dump(old, f)
+    card = train.export(run, os.path.join(tmp, 'model'))
+    assert card['notes'] == 'trained on a test machine' and card['scores'] == {}
     net = morph.build_network(card)
     net.load_weights(os.path.join(tmp, 'model.weights.h5'))
     assert len(net.weights) > 0
+
+
+def test_device_history_merges_sessions_of_one_device():
+    devs = [[0, 100, 'cpu'], [100, 250, 'cpu'], [250, 900, 'gpu'], [900, 1000, 'cpu']]
+    assert train.describe_devices(devs) == 'steps 0-250: cpu; steps 250-900: gpu; ' \
+        'steps 900-1000: cpu'
+    assert 'Keras %s backend' % keras.backend.backend() in train.device_description()
 
 
 def test_shapes_bank_uses_distinct_painting_classes():

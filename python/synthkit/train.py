@@ -481,10 +481,15 @@ class Trainer:
             with open(self.init + '.json') as f:
                 done = json.load(f)['training']
             start = int(done['steps'])
-            state = {'step': start, 'seconds': 3600.0 * float(done['hours'])}
+            state = {'step': start, 'seconds': 3600.0 * float(done['hours']),
+                     'devices': done.get('devices') or ([[0, start, done['device']]]
+                                                        if done.get('device') else [])}
             print('starting %s from %s at step %d' % (self.run_dir, self.init, start), flush=True)
         else:
             model, start = self.build_model(), 0
+        # where the steps were trained: [first step, last step, device] of earlier sessions
+        self._devices = state.get('devices') or []
+        self._first_step = start
         if start >= cfg.steps:
             return model
         bank = gen.LabelMapBank(cfg.label_maps)
@@ -542,9 +547,48 @@ class Trainer:
         tmp = self.ckpt + '.tmp.keras'
         model.save(tmp)
         os.replace(tmp, self.ckpt)
-        _atomic_json({'step': step, 'seconds': seconds,
+        devices = list(getattr(self, '_devices', []))
+        first = getattr(self, '_first_step', 0)
+        devices.append([first, step, device_description()])
+        _atomic_json({'step': step, 'seconds': seconds, 'devices': devices,
                       'saved': datetime.datetime.now().isoformat(timespec='seconds')},
                      self.state_path)
+
+
+def device_description():
+    """This machine as model cards name it: processor, CPU cores, Keras backend, and the
+    accelerator the backend uses, if any."""
+    text = '%s, %d CPU cores, Keras %s backend' % (platform.processor() or platform.machine(),
+                                                   os.cpu_count(), keras.backend.backend())
+    accelerator = None
+    try:
+        backend = keras.backend.backend()
+        if backend == 'jax':
+            import jax
+            dev = jax.devices()[0]
+            accelerator = None if dev.platform == 'cpu' else dev.device_kind
+        elif backend == 'torch':
+            import torch
+            accelerator = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        elif backend == 'tensorflow':
+            import tensorflow as tf
+            gpus = tf.config.list_physical_devices('GPU')
+            accelerator = '%d GPU(s)' % len(gpus) if gpus else None
+    except Exception:          # a description only: never fail a checkpoint over it
+        accelerator = None
+    return text + (', ' + accelerator if accelerator else '')
+
+
+def describe_devices(devices):
+    """One line from a run's [first step, last step, device] records, consecutive records of
+    one device merged: 'steps 0-2656: A; steps 2656-15544: B'."""
+    merged = []
+    for first, last, dev in devices:
+        if merged and merged[-1][2] == dev and merged[-1][1] >= first:
+            merged[-1][1] = max(merged[-1][1], last)
+        else:
+            merged.append([first, last, dev])
+    return '; '.join('steps %d-%d: %s' % tuple(m) for m in merged)
 
 
 def _sampling_process(cfg, start, worker, queue):
@@ -631,6 +675,13 @@ def read_log(run_dir):
         return list(csv.DictReader(f))
 
 
+def _old_notes(card_path):
+    if os.path.exists(card_path):
+        with open(card_path) as f:
+            return json.load(f).get('notes', '')
+    return ''
+
+
 def compare_norm_statistics(run_dir, model, label_dir):
     """Mean validation score of ``model`` on the run's held-out synthetic pairs with batch-norm
     running averages ('moving') and with each image's own statistics ('image')."""
@@ -645,9 +696,11 @@ def compare_norm_statistics(run_dir, model, label_dir):
             'image': trainer.validate(nets.ImageStatistics(model), pairs)}
 
 
-def export(run_dir, prefix, scores=None, notes='', label_dir=None):
+def export(run_dir, prefix, scores=None, notes=None, label_dir=None):
     """Write ``PREFIX.weights.h5`` (the weights of the last checkpoint) and the
-    model card ``PREFIX.json`` (architecture, training run, device, scores).
+    model card ``PREFIX.json`` (architecture, training run, devices, scores). ``notes``
+    default: those of the card already at ``PREFIX.json`` (its scores are dropped: they were
+    measured on other weights).
 
     With ``label_dir`` (where the run's held-out maps are), the card's
     ``input.norm_statistics`` is whichever batch-norm mode scores better on them."""
@@ -688,15 +741,15 @@ def export(run_dir, prefix, scores=None, notes='', label_dir=None):
                                             % cfg['ce_weight']),
                      'label_maps': cfg['label_maps'], 'held_out_maps': cfg['val_maps'],
                      'generator': cfg['generator'],
-                     'device': '%s, %d CPU cores, Keras %s backend' % (
-                         platform.processor() or platform.machine(), os.cpu_count(),
-                         keras.backend.backend()),
+                     'device': describe_devices(state['devices']) if state.get('devices')
+                     else device_description(),
+                     'devices': state.get('devices'),
                      'validation_dice_synthetic': [(int(r['step']), float(r['val_dice']))
                                                    for r in vals],
                      'validation_by_norm_statistics': norm,
                      'finished': state.get('saved')},
         'scores': scores or {},
-        'notes': notes,
+        'notes': notes if notes is not None else _old_notes(prefix + '.json'),
     }
     _atomic_json(card, prefix + '.json')
     return card
