@@ -94,7 +94,11 @@ def test_run_resume_and_export(tiny_cfg, tmp_path):
     tiny_cfg.steps = 8
     train.Trainer(tiny_cfg, str(tmp_path / 'run2'), progress=False,
                   init=str(tmp_path / 'models' / 'seg')).run()
-    assert json.load(open(str(tmp_path / 'run2' / 'state.json')))['step'] == 8
+    state = json.load(open(str(tmp_path / 'run2' / 'state.json')))
+    assert state['step'] == 8
+    # ... and the card's device history (steps 0-6 there, 6-8 here, merged)
+    assert state['devices'] == [[0, 8, train.device_description()]]   # one device throughout
+    assert card['training']['devices'] == [[0, 6, train.device_description()]]
 
 
 def test_resume_refuses_a_different_config(tiny_cfg, tmp_path):

@@ -549,7 +549,7 @@ class Trainer:
         os.replace(tmp, self.ckpt)
         devices = list(getattr(self, '_devices', []))
         first = getattr(self, '_first_step', 0)
-        devices.append([first, step, device_description()])
+        devices = merge_devices(devices + [[first, step, device_description()]])
         _atomic_json({'step': step, 'seconds': seconds, 'devices': devices,
                       'saved': datetime.datetime.now().isoformat(timespec='seconds')},
                      self.state_path)
@@ -579,16 +579,22 @@ def device_description():
     return text + (', ' + accelerator if accelerator else '')
 
 
-def describe_devices(devices):
-    """One line from a run's [first step, last step, device] records, consecutive records of
-    one device merged: 'steps 0-2656: A; steps 2656-15544: B'."""
+def merge_devices(devices):
+    """[first step, last step, device] records with consecutive records of one device
+    merged."""
     merged = []
     for first, last, dev in devices:
         if merged and merged[-1][2] == dev and merged[-1][1] >= first:
             merged[-1][1] = max(merged[-1][1], last)
         else:
             merged.append([first, last, dev])
-    return '; '.join('steps %d-%d: %s' % tuple(m) for m in merged)
+    return merged
+
+
+def describe_devices(devices):
+    """One line from a run's [first step, last step, device] records:
+    'steps 0-2656: A; steps 2656-15544: B'."""
+    return '; '.join('steps %d-%d: %s' % tuple(m) for m in merge_devices(devices))
 
 
 def _sampling_process(cfg, start, worker, queue):
