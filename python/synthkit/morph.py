@@ -601,6 +601,18 @@ class Registrar:
             self.deform_net = build_network(self.deform_card)
             self.deform_net.load_weights(weights)
 
+    def _rescaled(self, data):
+        """``io.rescale_intensities(data)``, computed once per input array (the affine step
+        and each deformable level use the same two images)."""
+        from . import io
+        cache = self.__dict__.setdefault('_rescale_cache', [])
+        for source, result in cache:
+            if source is data:
+                return result
+        result = io.rescale_intensities(data)
+        cache[:] = (cache + [(data, result)])[-2:]      # the moving and the fixed image
+        return result
+
     def network_grid(self, card, src_shape, src_affine, voxsize=None):
         """(shape, affine) of a network grid over an image's field of view: LIA voxels of the
         model's size (``card``; or ``voxsize`` mm), a multiple of 16, at most ``extent`` mm per
@@ -619,7 +631,7 @@ class Registrar:
         """World barycentres (K, 3) and masses (K,) of one image's feature maps."""
         from . import io
         shape, grid = self.network_grid(self.affine_card, data.shape, affine)
-        img = io.resample(io.rescale_intensities(data), affine, shape, grid, 'linear')
+        img = io.resample(self._rescaled(data), affine, shape, grid, 'linear')
         feat = _predict(self.affine_net, img[None, ..., None])
         pts, mass = barycenters(feat, shape)
         pts = np.asarray(pts, np.float64)[0] + (np.asarray(shape) - 1) / 2   # grid voxels
@@ -653,8 +665,8 @@ class Registrar:
         the field maps that grid to itself, in its voxels."""
         from . import io
         shape, grid = self.deform_grid(fixed[0].shape, fixed[1], voxsize)
-        f = io.resample(io.rescale_intensities(fixed[0]), fixed[1], shape, grid, 'linear')
-        m = io.resample(io.rescale_intensities(moving[0]), matrix @ moving[1], shape, grid,
+        f = io.resample(self._rescaled(fixed[0]), fixed[1], shape, grid, 'linear')
+        m = io.resample(self._rescaled(moving[0]), matrix @ moving[1], shape, grid,
                         'linear')
         if disp is not None:
             m = warp_image(m, disp)
