@@ -548,16 +548,13 @@ def main():
                 scores['oasis_pairs_dice_minus_ants_syn'] = round(j['dice'] - a['dice'], 4)
                 if j['seconds'] > 0:
                     scores['speedup_vs_ants_syn'] = round(a['seconds'] / j['seconds'], 1)
-            if method == 'synthmorph-joint' and 'synthmorph-deform' in summ:
-                # the deformable model alone (-m deform): on pairs that are already affinely
-                # aligned, joint also carries the affine model's errors
-                d = summ['synthmorph-deform']
-                scores['deform_only_oasis_pairs_mean_dice'] = round(d['dice'], 4)
-                scores['deform_only_seconds_oasis_2threads'] = round(d['seconds'], 1)
-            if method == 'synthmorph-joint' and 'synthmorph-deform-coarse' in summ:
-                d = summ['synthmorph-deform-coarse']
-                scores['deform_fine0_oasis_pairs_mean_dice'] = round(d['dice'], 4)
-                scores['deform_fine0_seconds_oasis_2threads'] = round(d['seconds'], 1)
+            # the deformable model alone (-m deform; on pairs that are already affinely aligned,
+            # joint also carries the affine model's errors), and its 2 mm level alone (--fine 0)
+            for key, other in (('deform_only', 'synthmorph-deform'),
+                               ('deform_fine0', 'synthmorph-deform-coarse')):
+                if method == 'synthmorph-joint' and other in summ:
+                    scores[key + '_oasis_pairs_mean_dice'] = round(summ[other]['dice'], 4)
+                    scores[key + '_seconds_oasis_2threads'] = round(summ[other]['seconds'], 1)
             merge_card(card, scores)
         elif card:
             print('%s did not run: %s not updated' % (method, card), flush=True)

@@ -592,6 +592,7 @@ class Registrar:
     def __init__(self, affine_model=None, deform_model=None, extent_mm=256.0):
         self.affine_net = self.deform_net = None
         self.extent = float(extent_mm)
+        self._rescale_cache = []            # [(input array, its rescaled copy)]
         if affine_model is not None:
             weights, self.affine_card = affine_model
             self.affine_net = build_network(self.affine_card)
@@ -605,12 +606,12 @@ class Registrar:
         """``io.rescale_intensities(data)``, computed once per input array (the affine step
         and each deformable level use the same two images)."""
         from . import io
-        cache = self.__dict__.setdefault('_rescale_cache', [])
-        for source, result in cache:
+        for source, result in self._rescale_cache:
             if source is data:
                 return result
         result = io.rescale_intensities(data)
-        cache[:] = (cache + [(data, result)])[-2:]      # the moving and the fixed image
+        # the moving and the fixed image (kept alive here, so ``is`` cannot match a new array)
+        self._rescale_cache = (self._rescale_cache + [(data, result)])[-2:]
         return result
 
     def network_grid(self, card, src_shape, src_affine, voxsize=None):
@@ -692,11 +693,10 @@ class Registrar:
         fwd = inv = None
         for vox in levels:
             if fwd is not None:                  # the coarse result, on this level's grid
-                fwd = regrid_displacement(fwd, grid, *self.deform_grid(fixed[0].shape, fixed[1],
-                                                                       vox))
+                level = self.deform_grid(fixed[0].shape, fixed[1], vox)
+                fwd = regrid_displacement(fwd, grid, *level)
                 if inverse:
-                    inv = regrid_displacement(inv, grid, *self.deform_grid(
-                        fixed[0].shape, fixed[1], vox))
+                    inv = regrid_displacement(inv, grid, *level)
             vel, shape, grid = self.velocity(moving, fixed, matrix, lam, vox, fwd)
             u, u_inv = self.displacements(vel, shape, steps, inverse=inverse)
             fwd = u if fwd is None else compose_displacements(fwd, u)
@@ -714,28 +714,26 @@ class Registrar:
         return fwd, inv
 
 
-def _clamped_sample(vol, disp):
-    """``vol`` (X, Y, Z, C) trilinearly sampled at ``x + disp(x)`` (voxels), points beyond
-    the grid clamped to its edge (fields and images continue with their edge values)."""
+def _sample_displaced(vol, disp, clamp):
+    """``vol`` (X, Y, Z, C) trilinearly sampled at ``x + disp(x)`` (voxels): beyond the grid,
+    points clamped to its edge (``clamp``: fields continue with their edge values) or zero."""
     shape = vol.shape[:3]
     pts = utils.volume_grid(shape) + ops.convert_to_tensor(disp.astype(np.float32))
-    pts = ops.clip(pts, 0.0, ops.convert_to_tensor(np.array(shape, np.float32) - 1))
+    if clamp:
+        pts = ops.clip(pts, 0.0, ops.convert_to_tensor(np.array(shape, np.float32) - 1))
     return np.asarray(utils.sample_linear(ops.convert_to_tensor(vol[None]), pts[None]))[0]
 
 
 def warp_image(img, disp):
     """Image (X, Y, Z) warped by a displacement (X, Y, Z, 3) in its voxels: ``img(x + d(x))``,
     trilinear, zero beyond the grid."""
-    shape = img.shape
-    pts = utils.volume_grid(shape) + ops.convert_to_tensor(disp.astype(np.float32))
-    return np.asarray(utils.sample_linear(ops.convert_to_tensor(img[None, ..., None]),
-                                          pts[None]))[0, ..., 0]
+    return _sample_displaced(img[..., None], disp, clamp=False)[..., 0]
 
 
 def compose_displacements(outer, inner):
     """The displacement of the composed map ``x -> phi_outer(phi_inner(x))``, ``phi(x) = x +
     d(x)``: ``inner(x) + outer(x + inner(x))``, fields (X, Y, Z, 3) in voxels of one grid."""
-    return inner + _clamped_sample(outer, inner)
+    return inner + _sample_displaced(outer, inner, clamp=True)
 
 
 def regrid_displacement(disp, grid_affine, shape, affine):

@@ -411,6 +411,14 @@ class Trainer:
                                  'directory' % (run_dir, ', '.join(diff)))
         _atomic_json(cfg.to_dict(), cfg_path)
 
+    @classmethod
+    def for_sampling(cls, cfg):
+        """A trainer of ``cfg`` without a run directory: enough to draw batches and
+        validation pairs (sampling processes, :func:`compare_norm_statistics`)."""
+        trainer = cls.__new__(cls)
+        trainer.cfg, trainer.task = cfg, TASKS[cfg.task](cfg)
+        return trainer
+
     def _state(self):
         if os.path.exists(self.state_path):
             with open(self.state_path) as f:
@@ -487,9 +495,10 @@ class Trainer:
             print('starting %s from %s at step %d' % (self.run_dir, self.init, start), flush=True)
         else:
             model, start = self.build_model(), 0
-        # where the steps were trained: [first step, last step, device] of earlier sessions
+        # where the steps were trained: [first step, last step, device] of earlier sessions,
+        # and this session's first step and device (each checkpoint extends it)
         self._devices = state.get('devices') or []
-        self._first_step = start
+        self._session = (start, device_description())
         if start >= cfg.steps:
             return model
         bank = gen.LabelMapBank(cfg.label_maps)
@@ -547,9 +556,8 @@ class Trainer:
         tmp = self.ckpt + '.tmp.keras'
         model.save(tmp)
         os.replace(tmp, self.ckpt)
-        devices = list(getattr(self, '_devices', []))
-        first = getattr(self, '_first_step', 0)
-        devices = merge_devices(devices + [[first, step, device_description()]])
+        first, device = self._session
+        devices = merge_devices(self._devices + [[first, step, device]])
         _atomic_json({'step': step, 'seconds': seconds, 'devices': devices,
                       'saved': datetime.datetime.now().isoformat(timespec='seconds')},
                      self.state_path)
@@ -600,8 +608,7 @@ def describe_devices(devices):
 def _sampling_process(cfg, start, worker, queue):
     """Body of one sampling process: batches ``(x, target)`` of the stream (``start``,
     ``worker``) into ``queue``, before ``task.prepare``, until killed."""
-    trainer = Trainer.__new__(Trainer)
-    trainer.cfg, trainer.task = cfg, TASKS[cfg.task](cfg)
+    trainer = Trainer.for_sampling(cfg)
     bank = gen.LabelMapBank(cfg.label_maps)
     sampler, rng = trainer._generator(start, worker)
     while True:
@@ -695,8 +702,7 @@ def compare_norm_statistics(run_dir, model, label_dir):
         values = json.load(f)
     cfg = _config_of(values)
     cfg.val_maps = [os.path.join(label_dir, name) for name in cfg.val_maps]
-    trainer = Trainer.__new__(Trainer)
-    trainer.cfg, trainer.task = cfg, TASKS[cfg.task](cfg)
+    trainer = Trainer.for_sampling(cfg)
     pairs = trainer.validation_set()
     return {'moving': trainer.validate(model, pairs),
             'image': trainer.validate(nets.ImageStatistics(model), pairs)}
