@@ -4,8 +4,11 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DATA   ?= ../shared/data
 export TF_CPP_MIN_LOG_LEVEL ?= 2
+# oneDNN convolutions: 4x faster 3-D U-Net training steps on this AMD CPU (5.8 s vs 22 s at 96^3);
+# TensorFlow enables them by default only on some Intel CPUs
+export TF_ENABLE_ONEDNN_OPTS ?= 1
 
-.PHONY: install test test-all bench bench-synth bench-synthseg bench-synthstrip bench-synthmorph \
+.PHONY: install test test-all demo bench bench-synth bench-synthseg bench-synthstrip bench-synthmorph \
         train-synthseg train-synthstrip train-synthmorph clean
 
 install: $(VENV)/.installed
@@ -22,6 +25,11 @@ test: install
 test-all: install
 	$(PY) -m pip install -q -e '.[dev,jax]'
 	$(PY) -m pytest -q tests
+
+# The main jobs on a real scan (Colin27 from Debian's mricron-data, MNI152 from PyPI's nilearn,
+# fetched once into .cache/): segmentation, skull stripping, registration, QC pictures in demo/.
+demo: install
+	$(PY) scripts/demo.py --out demo --cache .cache
 
 bench: bench-synth bench-synthseg bench-synthstrip bench-synthmorph
 
@@ -68,7 +76,12 @@ $(BENCH_VENV)/.installed:
 
 # Resumes runs/NAME if present; STEPS sets the total (default: the preset's). INIT=models/NAME
 # starts from the shipped weights in a fresh clone.
-train-%: install
+TRAIN_TASKS := synthseg synthstrip synthstrip_nocsf synthmorph_affine synthmorph_deform
+.PHONY: $(addprefix train-,$(TRAIN_TASKS))
+
+# A static pattern rule: make skips implicit rules for phony targets, so a plain `train-%`
+# did nothing for the phony train-synthseg.
+$(addprefix train-,$(TRAIN_TASKS)): train-%: install
 	$(PY) scripts/train.py --task $* --labels $(DATA)/label_maps --run runs/$* \
 	    --export models/$* $(if $(STEPS),--steps $(STEPS)) $(if $(INIT),--init $(INIT))
 

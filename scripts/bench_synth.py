@@ -18,7 +18,6 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'python'))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 

@@ -58,13 +58,11 @@ import tempfile
 
 import numpy as np
 
+from synthkit import geometry, io, labels, metrics, transforms
+from benchlib import measure, merge_card, run_quiet, tail, venv_problem
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(ROOT, 'python'))
-sys.path.insert(0, HERE)
-
-from synthkit import io, labels, transforms  # noqa: E402
-from benchlib import measure, merge_card, run_quiet, tail, venv_problem  # noqa: E402
 
 METHODS = ('synthmorph-affine', 'synthmorph-deform', 'synthmorph-deform-coarse',
            'synthmorph-joint', 'ants-syn')
@@ -144,24 +142,7 @@ def labels_on_grid(vol, ref):
         data = data[..., 0]
     if data.shape == ref.data.shape[:3] and np.allclose(vol.affine, ref.affine, atol=1e-4):
         return data
-    return io.resample(data, vol.affine, ref.data.shape[:3], ref.affine, interp='nearest')
-
-
-def label_dice(moved, fixed, structures=STRUCTURES):
-    """{label: Dice} of two label maps on one grid, for the ``structures`` present in ``fixed``
-    (a structure missing from ``moved`` scores 0)."""
-    moved, fixed = np.asarray(moved), np.asarray(fixed)
-    if moved.shape != fixed.shape:
-        raise ValueError('label maps differ in shape: %s vs %s' % (moved.shape, fixed.shape))
-    top = int(max(moved.max(initial=0), fixed.max(initial=0), max(structures))) + 1
-    # one pass per map: counts per label and of voxels where both agree
-    m = np.clip(moved.ravel(), 0, top - 1).astype(np.int64)
-    f = np.clip(fixed.ravel(), 0, top - 1).astype(np.int64)
-    n_moved = np.bincount(m, minlength=top)
-    n_fixed = np.bincount(f, minlength=top)
-    n_both = np.bincount(f[m == f], minlength=top)
-    return {int(l): 2.0 * n_both[l] / (n_moved[l] + n_fixed[l])
-            for l in structures if n_fixed[l] > 0}
+    return geometry.resample(data, vol.affine, ref.data.shape[:3], ref.affine, interp='nearest')
 
 
 def jacobian_determinant(disp, affine):
@@ -250,7 +231,7 @@ def summary(results, pairs):
 def targets(summ, n_pairs):
     """[(target, value text, met: True/False/None)]."""
     joint, affine, ants = (summ.get(m) for m in ('synthmorph-joint', 'synthmorph-affine',
-                                                  'ants-syn'))
+                                                 'ants-syn'))
     complete = {m: s for m, s in summ.items() if s['n'] == n_pairs}
 
     def ok(cond, *needed):
@@ -408,8 +389,8 @@ def run_synthmorph(method, base, mov, fix, fixed_seg, mask, work, env, args):
     rc, wall_apply, peak_apply, text = measure(apply_cmd(base, trans, mov['aseg'], moved), env=env)
     if rc != 0 or not os.path.isfile(moved):
         return 'apply failed (exit %d): %s' % (rc, tail(text))
-    per_label = label_dice(labels_on_grid(io.load_volume(moved, allow_empty=True), fixed_seg),
-                           fixed_seg.data)
+    per_label = metrics.dice_table(labels_on_grid(io.load_volume(moved, allow_empty=True),
+                                                  fixed_seg), fixed_seg.data, STRUCTURES)
     neg, neg_grid, det_min = transform_neg_jac(trans, mask)
     return {'per_label': per_label, 'dice': nanmean(list(per_label.values())),
             'neg_jac': neg, 'neg_jac_grid': neg_grid, 'det_min': det_min,
@@ -427,8 +408,8 @@ def run_ants(python, mov, fix, fixed_seg, work, env, args):
         return 'failed (exit %d): %s' % (rc, tail(text))
     with open(info_path) as f:
         info = json.load(f)
-    per_label = label_dice(labels_on_grid(io.load_volume(moved, allow_empty=True), fixed_seg),
-                           fixed_seg.data)
+    per_label = metrics.dice_table(labels_on_grid(io.load_volume(moved, allow_empty=True),
+                                                  fixed_seg), fixed_seg.data, STRUCTURES)
     return {'per_label': per_label, 'dice': nanmean(list(per_label.values())),
             'neg_jac': info.get('neg_jac_percent_mask', float('nan')),
             'neg_jac_grid': info.get('neg_jac_percent_grid', float('nan')),
@@ -513,7 +494,8 @@ def main():
         name = pair_name(mov, fix)
         fixed_seg = asegs[fix['name']]
         mask = np.asarray(fixed_seg.data) > 0
-        per_label = label_dice(labels_on_grid(asegs[mov['name']], fixed_seg), fixed_seg.data)
+        per_label = metrics.dice_table(labels_on_grid(asegs[mov['name']], fixed_seg),
+                                       fixed_seg.data, STRUCTURES)
         results[BASELINE][name] = {'per_label': per_label,
                                    'dice': nanmean(list(per_label.values()))}
         print('%-9s %-17s Dice %.3f' % (name, BASELINE, results[BASELINE][name]['dice']),

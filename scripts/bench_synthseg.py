@@ -25,25 +25,14 @@ import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, '..', 'python'))
+from synthkit import geometry, io, metrics
+from synthkit import labels as lab
+from synthkit.models.synthseg.inference import Segmenter
 
-from synthkit import io  # noqa: E402
-from synthkit import labels as lab  # noqa: E402
-from synthkit.tools import synthseg  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 OASIS = ('oasis_0455', 'oasis_0456', 'oasis_0457')
 FOLD = {31: 4, 63: 43}   # choroid plexus -> lateral ventricles
-
-
-def dice_table(pred, ref, labels):
-    out = {}
-    for k in labels:
-        a, b = pred == k, ref == k
-        s = a.sum() + b.sum()
-        if b.any():
-            out[k] = 2.0 * np.logical_and(a, b).sum() / s
-    return out
 
 
 def fold(ref):
@@ -60,7 +49,7 @@ def segment(seg, data, affine, fast=False):
 
 
 def on_grid(hard, affine, shape, dst_affine):
-    return io.resample(hard, affine, shape, dst_affine, interp='nearest')
+    return geometry.resample(hard, affine, shape, dst_affine, interp='nearest')
 
 
 def thick_slices(data, affine, factor=5, axis=2):
@@ -106,7 +95,7 @@ def main():
     p.add_argument('--skip-timing', action='store_true')
     args = p.parse_args()
 
-    seg = synthseg.Segmenter(args.model)
+    seg = Segmenter(args.model)
     labels = [l for l in seg.labels if l != 0]
     rows, per_label, thick_rows = [], {}, []
     for name in OASIS:
@@ -115,13 +104,13 @@ def main():
         t = time.time()
         hard, aff = segment(seg, t1.data, t1.affine)
         secs = time.time() - t
-        d = dice_table(on_grid(hard, aff, ref.shape, t1.affine), ref, labels)
+        d = metrics.dice_table(on_grid(hard, aff, ref.shape, t1.affine), ref, labels)
         rows.append((name, mean(d), secs))
         for k, v in d.items():
             per_label.setdefault(k, []).append(v)
         thick, thick_aff = thick_slices(np.asarray(t1.data, np.float32), t1.affine)
         hard, aff = segment(seg, thick, thick_aff)
-        d = dice_table(on_grid(hard, aff, ref.shape, t1.affine), ref, labels)
+        d = metrics.dice_table(on_grid(hard, aff, ref.shape, t1.affine), ref, labels)
         thick_rows.append((name, mean(d)))
         print('%s: dice %.3f (thick %.3f) %.1fs' % (name, rows[-1][1], thick_rows[-1][1], secs),
               flush=True)
@@ -133,7 +122,7 @@ def main():
     h2, a2 = segment(seg, t2.data, t2.affine)
     h2 = on_grid(h2, a2, h1.shape, a1)
     both = [k for k in labels if (h1 == k).any() or (h2 == k).any()]
-    t1t2 = dice_table(h2, h1, both)
+    t1t2 = metrics.dice_table(h2, h1, both)
     print('ixi002 T1<->T2 dice %.3f' % mean(t1t2), flush=True)
 
     timing = None

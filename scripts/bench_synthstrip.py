@@ -26,7 +26,6 @@ Writes a markdown report (--out) and, with --card, merges our scores into the mo
 """
 
 import argparse
-import glob
 import json
 import os
 import shutil
@@ -34,46 +33,18 @@ import sys
 import tempfile
 
 import numpy as np
-from scipy import ndimage
+
+from synthkit import geometry, io, metrics
+from benchlib import colin27, measure, merge_card, run_quiet, tail, venv_problem
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(ROOT, 'python'))
-sys.path.insert(0, HERE)
 
-from synthkit import io  # noqa: E402
-from benchlib import measure, merge_card, run_quiet, tail, venv_problem  # noqa: E402
-
-TEMPLATES = 'usr/share/mricron/templates'
 METHODS = ('synthstrip', 'synthstrip-nocsf', 'deepbet')
 
 
 # ---------------------------------------------------------------------------------------------
 # data
-
-def colin27(cache):
-    """(head path, BET brain path) of Colin27, fetched into ``cache`` if missing."""
-    head, bet = (os.path.join(cache, TEMPLATES, f) for f in ('ch2.nii.gz', 'ch2bet.nii.gz'))
-    if os.path.isfile(head) and os.path.isfile(bet):
-        return head, bet
-    os.makedirs(cache, exist_ok=True)
-    debs = glob.glob(os.path.join(cache, 'mricron-data_*.deb'))
-    if not debs:
-        if not shutil.which('apt-get'):
-            raise RuntimeError('apt-get not found: cannot fetch Debian package mricron-data')
-        r = run_quiet(['apt-get', 'download', 'mricron-data'], cwd=cache)
-        if r.returncode != 0 and os.geteuid() == 0:
-            print('apt-get download failed; running apt-get update once and retrying', flush=True)
-            run_quiet(['apt-get', 'update', '-q'])
-            r = run_quiet(['apt-get', 'download', 'mricron-data'], cwd=cache)
-        debs = glob.glob(os.path.join(cache, 'mricron-data_*.deb'))
-        if r.returncode != 0 or not debs:
-            raise RuntimeError('apt-get download mricron-data failed: %s' % tail(r.stdout))
-    r = run_quiet(['dpkg', '-x', sorted(debs)[-1], cache])
-    if r.returncode != 0 or not (os.path.isfile(head) and os.path.isfile(bet)):
-        raise RuntimeError('dpkg -x %s failed: %s' % (sorted(debs)[-1], tail(r.stdout)))
-    return head, bet
-
 
 def padded_256(head, work):
     """Colin27 zero-padded (centred) to 256^3 at 1 mm, the size of the speed target: the path,
@@ -143,35 +114,16 @@ def on_grid(vol, ref):
     data = np.asarray(vol.data) > 0
     if data.shape == ref.data.shape and np.allclose(vol.affine, ref.affine, atol=1e-4):
         return data
-    return io.resample(data.astype(np.uint8), vol.affine, ref.data.shape, ref.affine,
-                       interp='nearest') > 0
-
-
-def dice(a, b):
-    s = a.sum() + b.sum()
-    return 2.0 * np.logical_and(a, b).sum() / s if s else float('nan')
-
-
-def surface(mask):
-    return mask & ~ndimage.binary_erosion(mask)
-
-
-def mean_surface_distance(a, b, voxsize):
-    """Mean symmetric surface distance (mm) between two boolean masks on one grid."""
-    sa, sb = surface(a), surface(b)
-    if not sa.any() or not sb.any():
-        return float('nan')
-    da = ndimage.distance_transform_edt(~sb, sampling=voxsize)[sa]
-    db = ndimage.distance_transform_edt(~sa, sampling=voxsize)[sb]
-    return float((da.sum() + db.sum()) / (da.size + db.size))
+    return geometry.resample(data.astype(np.uint8), vol.affine, ref.data.shape, ref.affine,
+                             interp='nearest') > 0
 
 
 def score(pred_path, ref):
     pred = on_grid(io.load_volume(pred_path, allow_empty=True), ref)
     truth = np.asarray(ref.data)
     vox = ref.voxsize
-    return {'dice': float(dice(pred, truth)),
-            'msd_mm': mean_surface_distance(pred, truth, vox),
+    return {'dice': float(metrics.dice(pred, truth)),
+            'msd_mm': metrics.mean_surface_distance(pred, truth, vox),
             'volume_cm3': float(pred.sum() * np.prod(vox) / 1000)}
 
 
@@ -222,7 +174,7 @@ def report(results, case_list, args, weights, steps, errors):
     for m in active:
         means = [nanmean([results[m].get(n, {}).get(k) for n in scored]) for k in keys]
         row += ' %s | %s | %s | %s |' % (fmt(means[0], '%.3f'), fmt(means[1], '%.2f'),
-                                        fmt(means[2], '%.1f'), fmt(means[3], '%.2f'))
+                                         fmt(means[2], '%.1f'), fmt(means[3], '%.2f'))
     lines.append(row)
     lines += ['', '| case | reference cm^3 |' + ''.join(' %s cm^3 |' % m for m in active),
               '|' + ' --- |' * (2 + len(active))]

@@ -1,11 +1,18 @@
-"""Shared by the benchmark scripts: run one command as its own process and measure it, and merge
-scores into a model card."""
+"""Shared by the benchmark and demo scripts: real scans from package registries, running one
+command as its own process and measuring it, merging scores into a model card."""
 
+import glob
 import json
 import os
+import shutil
 import subprocess
+import sys
 import tempfile
 import time
+import zipfile
+
+TEMPLATES = 'usr/share/mricron/templates'
+MNI152 = 'nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz'
 
 
 def run_quiet(cmd, **kw):
@@ -62,3 +69,46 @@ def merge_card(path, scores):
         json.dump(card, f, indent=2)
     os.replace(path + '.tmp', path)
     print('scores merged into %s' % path, flush=True)
+
+
+def colin27(cache):
+    """(head path, BET brain path) of Colin27, fetched into ``cache`` if missing."""
+    head, bet = (os.path.join(cache, TEMPLATES, f) for f in ('ch2.nii.gz', 'ch2bet.nii.gz'))
+    if os.path.isfile(head) and os.path.isfile(bet):
+        return head, bet
+    os.makedirs(cache, exist_ok=True)
+    debs = glob.glob(os.path.join(cache, 'mricron-data_*.deb'))
+    if not debs:
+        if not shutil.which('apt-get'):
+            raise RuntimeError('apt-get not found: cannot fetch Debian package mricron-data')
+        r = run_quiet(['apt-get', 'download', 'mricron-data'], cwd=cache)
+        if r.returncode != 0 and os.geteuid() == 0:
+            print('apt-get download failed; running apt-get update once and retrying', flush=True)
+            run_quiet(['apt-get', 'update', '-q'])
+            r = run_quiet(['apt-get', 'download', 'mricron-data'], cwd=cache)
+        debs = glob.glob(os.path.join(cache, 'mricron-data_*.deb'))
+        if r.returncode != 0 or not debs:
+            raise RuntimeError('apt-get download mricron-data failed: %s' % tail(r.stdout))
+    r = run_quiet(['dpkg', '-x', sorted(debs)[-1], cache])
+    if r.returncode != 0 or not (os.path.isfile(head) and os.path.isfile(bet)):
+        raise RuntimeError('dpkg -x %s failed: %s' % (sorted(debs)[-1], tail(r.stdout)))
+    return head, bet
+
+
+def mni152(cache):
+    """Path of the MNI ICBM152 2009a T1 template (1 mm, brain only) from PyPI's nilearn wheel,
+    downloaded into ``cache`` (``pip download``) and extracted if missing."""
+    path = os.path.join(cache, MNI152)
+    if os.path.isfile(path):
+        return path
+    os.makedirs(cache, exist_ok=True)
+    wheels = glob.glob(os.path.join(cache, 'nilearn-*.whl'))
+    if not wheels:
+        r = run_quiet([sys.executable, '-m', 'pip', 'download', '-q', '--no-deps',
+                       '--only-binary=:all:', '-d', cache, 'nilearn'])
+        wheels = glob.glob(os.path.join(cache, 'nilearn-*.whl'))
+        if r.returncode != 0 or not wheels:
+            raise RuntimeError('pip download nilearn failed: %s' % tail(r.stdout))
+    with zipfile.ZipFile(sorted(wheels)[-1]) as z:
+        z.extract(MNI152, cache)
+    return path

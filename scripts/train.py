@@ -4,9 +4,9 @@
     python scripts/train.py --task synthseg --labels ../shared/data/label_maps \
         --run runs/synthseg --export models/synthseg [--steps N] [--init models/synthseg]
 
-The configuration of each task is `synthkit.train.preset` (the last two label maps, sorted, are
-held out for the validation score). Interrupt at any time: rerunning the same command resumes
-from the last checkpoint (every few minutes). In a fresh clone, where only the shipped weights
+The configuration of each task is its `Task.preset` (registry: `synthkit.models.TASKS`; the last
+two label maps, sorted, are held out for the validation score). Interrupt at any time: rerunning
+the same command resumes from the last checkpoint (every few minutes). In a fresh clone, where only the shipped weights
 are committed, `--init models/NAME` starts a new run from them and continues their step count.
 """
 
@@ -15,14 +15,14 @@ import glob
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'python'))
 
-from synthkit import train  # noqa: E402
+from synthkit import models, trainer
+from synthkit.task import override
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument('--task', default='synthseg', choices=sorted(train.TASKS))
+    p.add_argument('--task', default='synthseg', choices=sorted(models.TASKS))
     p.add_argument('--labels', required=True, help='folder of training label maps')
     p.add_argument('--run', help='run directory (default runs/TASK)')
     p.add_argument('--export', help='write PREFIX.weights.h5 and PREFIX.json when done')
@@ -43,19 +43,20 @@ def main():
     args = p.parse_args()
 
     maps = sorted(glob.glob(os.path.join(args.labels, '*.nii.gz')))
-    cfg = train.preset(args.task, maps)
+    cfg = models.preset(args.task, maps)
+    options = models.task_class(args.task).Options
     if args.steps:
         cfg.steps = args.steps
     for item in args.set:
-        train.override(cfg, item)
+        override(cfg, item, options)
     if args.checkpoint_minutes:
         cfg.checkpoint_minutes = args.checkpoint_minutes
     run = args.run or os.path.join('runs', args.task)
     if not args.export_only:
-        train.Trainer(cfg, run, progress=sys.stderr.isatty(), init=args.init).run(
+        trainer.Trainer(cfg, run, progress=sys.stderr.isatty(), init=args.init).run(
             max_minutes=args.minutes, workers=args.workers)
     if args.export:
-        card = train.export(run, args.export, label_dir=args.labels)
+        card = trainer.export(run, args.export, label_dir=args.labels)
         print('exported %s.weights.h5 (%d steps)' % (args.export, card['training']['steps']))
 
 

@@ -11,7 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from synthkit.tools import easyreg, easywarp, synthmorph, synthsr, synthstrip
+from synthkit.models.easyreg import cli as easyreg
+from synthkit.models.easyreg import easywarp
+from synthkit.models.synthmorph import cli as synthmorph
+from synthkit.models.synthsr import cli as synthsr
+from synthkit.models.synthstrip import cli as synthstrip
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ('synthstrip', 'synthmorph', 'easyreg', 'easywarp', 'synthsr')

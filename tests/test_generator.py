@@ -1,5 +1,6 @@
 """synthkit.generator: geometry of the sampled pairs, left/right flips, reproducibility, ranges."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -233,3 +234,45 @@ def test_jax_backend():
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'jax ok' in proc.stdout
+
+
+@pytest.mark.parametrize('values, message', [
+    ({'prior': 'gaussian'}, 'prior'),
+    ({'flip_prob': 1.5}, 'flip_prob'),
+    ({'voxsize_mm': float('inf')}, 'voxsize_mm'),
+    ({'voxsize_mm': 0}, 'voxsize_mm'),
+    ({'scaling_range': (1.2, 0.8)}, 'scaling_range'),
+    ({'rotation_range_deg': (0, 1, 2)}, 'rotation_range_deg'),
+    ({'nonlin_std_mm': -1}, 'nonlin_std_mm'),
+    ({'lr_axis': 3}, 'lr_axis'),
+    ({'integration_steps': 2.5}, 'integration_steps'),
+    ({'fov_max_fraction': 1.5}, 'fov_max_fraction'),
+])
+def test_generator_params_are_checked_on_construction(values, message):
+    with pytest.raises(ValueError, match=message):
+        gen.GeneratorParams(**values)
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(gen.GeneratorParams(), **values)
+    # 'normal' priors take (mean, std) pairs, which need not be ordered
+    gen.GeneratorParams(prior='normal', mean_range=(120, 40), std_range=(10, 5))
+
+
+@pytest.mark.parametrize('voxsize', [1.0, 2.0])
+def test_without_randomization_image_and_labels_share_centroids(voxsize):
+    """Every randomization off: each structure sits at the same place in the painted image (found
+    by its intensity) and in the target labels, and those are the source map's labels at the
+    output voxels' centres (output voxel i at source voxel voxsize * (i - (n - 1) / 2) + 19)."""
+    from scipy import ndimage
+    src = asymmetric_map()[:39, :39, :39]          # odd: the grid centres are voxel centres
+    off = dict(IDENTITY, flip_prob=0.0, resolution_prob=0.0, bias_std_max=0.0, gamma_std=0.0,
+               std_range=(0, 0), mean_range=(10, 250), voxsize_mm=voxsize)
+    n = int(39 // voxsize)
+    image, labels = run((n,) * 3, off, 3, src)
+    step = int(voxsize)
+    first = 19 - step * (n - 1) // 2
+    np.testing.assert_array_equal(labels, src[first::step, first::step, first::step][:n, :n, :n])
+    for group in ((17,), (42,), (24,), (2, 41)):     # 2 and 41 share one Gaussian
+        mask = np.isin(labels, group)
+        painted = np.isclose(image, np.median(image[mask]), atol=1e-4)
+        offset = np.array(ndimage.center_of_mass(painted)) - ndimage.center_of_mass(mask)
+        assert np.abs(offset).max() < 0.25, (group, offset)

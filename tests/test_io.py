@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from synthkit import io
+from synthkit import geometry, io
 from synthkit.io import VolumeError
 
 from helpers import make_affine, rotation
@@ -44,9 +44,9 @@ def _world(affine, ijk):
 def test_conform_round_trip_keeps_world_positions(name):
     shape, affine, exact = GEOMETRIES[name]
     lab = _label_phantom(shape)
-    conf = io.conform((lab, affine), rescale=False)
+    conf = geometry.conform((lab, affine), rescale=False)
 
-    assert io.orientation(conf.affine) == 'LIA'
+    assert geometry.orientation(conf.affine) == 'LIA'
     assert np.allclose(np.linalg.norm(conf.affine[:3, :3], axis=0), 1)
     assert all(n % 16 == 0 for n in conf.data.shape)
     assert conf.data.dtype == np.float32 and conf.src_shape == shape
@@ -58,12 +58,12 @@ def test_conform_round_trip_keeps_world_positions(name):
 
     for label, centre in CUBES.items():
         # (a) the cube's centroid in network space sits where it was in the world
-        mask = io.conform(((lab == label), affine), rescale=False).data
+        mask = geometry.conform(((lab == label), affine), rescale=False).data
         centroid = np.argwhere(mask > 0).T @ mask[mask > 0] / mask.sum()
         error = np.linalg.norm(_world(conf.affine, centroid) - _world(affine, centre))
         assert error < (1e-6 if exact else 0.5), (label, error)
     # (b) mapped back with nearest neighbours, the labels land on their original voxels
-    back = io.to_input_grid(np.rint(conf.data).astype(np.int32), conf, 'nearest')
+    back = geometry.to_input_grid(np.rint(conf.data).astype(np.int32), conf, 'nearest')
     assert back.shape == shape and back.dtype == np.int32
     if exact:
         assert np.array_equal(back, lab)
@@ -75,13 +75,13 @@ def test_conform_round_trip_keeps_world_positions(name):
 def test_conform_exact_case_is_a_permutation_of_the_input():
     shape, affine, _ = GEOMETRIES['RAS']
     img = np.random.default_rng(1).random(shape).astype(np.float32)
-    conf = io.conform((img, affine), rescale=False)
+    conf = geometry.conform((img, affine), rescale=False)
     # RAS -> LIA: network axis 0 = -x, axis 1 = -z, axis 2 = +y
     expected = np.transpose(img, (0, 2, 1))[::-1, ::-1, :]
     nz = np.argwhere(conf.data)
     lo, hi = nz.min(0), nz.max(0) + 1
     assert np.array_equal(conf.data[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], expected)
-    assert np.array_equal(io.to_input_grid(conf.data, conf, 'linear'), img)
+    assert np.array_equal(geometry.to_input_grid(conf.data, conf, 'linear'), img)
 
 
 def test_conform_crop_min_shape_and_voxsize():
@@ -89,26 +89,26 @@ def test_conform_crop_min_shape_and_voxsize():
     img = np.random.default_rng(2).random(shape).astype(np.float32) + 1
     fov_centre = _world(affine, (np.array(shape) - 1) / 2)
 
-    crop = io.conform((img, affine), crop=16)
+    crop = geometry.conform((img, affine), crop=16)
     assert crop.data.shape == (16, 16, 16)
     assert np.linalg.norm(_world(crop.affine, (15 / 2,) * 3) - fov_centre) <= np.sqrt(3) / 2
-    assert io.conform((img, affine), crop=(17, 16, 40)).data.shape == (32, 16, 48)
-    assert io.conform((img, affine), min_shape=(40, 16, 16)).data.shape == (48, 32, 32)
+    assert geometry.conform((img, affine), crop=(17, 16, 40)).data.shape == (32, 16, 48)
+    assert geometry.conform((img, affine), min_shape=(40, 16, 16)).data.shape == (48, 32, 32)
 
-    half = io.conform((img, affine), voxsize=2.0, orientation='RAS', multiple=1)
+    half = geometry.conform((img, affine), voxsize=2.0, orientation='RAS', multiple=1)
     assert half.data.shape == (12, 14, 10)
-    assert io.orientation(half.affine) == 'RAS'
+    assert geometry.orientation(half.affine) == 'RAS'
     assert np.allclose(np.linalg.norm(half.affine[:3, :3], axis=0), 2)
     with pytest.raises(ValueError, match='orientation'):
-        io.conform((img, affine), orientation='LLA')
+        geometry.conform((img, affine), orientation='LLA')
     with pytest.raises(VolumeError, match='3-D'):
-        io.conform((np.stack([img, img], -1), affine))
+        geometry.conform((np.stack([img, img], -1), affine))
 
 
 def test_orientation_codes():
     for name in ('LIA', 'RAS', 'LPS'):
-        assert io.orientation(GEOMETRIES[name][1]) == name
-    assert io.orientation(io.orientation_matrix('PSR') @ np.diag([2, 1, 3])) == 'PSR'
+        assert geometry.orientation(GEOMETRIES[name][1]) == name
+    assert geometry.orientation(geometry.orientation_matrix('PSR') @ np.diag([2, 1, 3])) == 'PSR'
 
 
 def test_resample_channels_and_nearest_dtype():
@@ -116,11 +116,11 @@ def test_resample_channels_and_nearest_dtype():
     src = make_affine(np.eye(3), (0, 0, 0))
     dst = make_affine(np.eye(3), (1, 0, 0))  # one voxel further along x
     arr = rng.random((6, 5, 4, 3)).astype(np.float64)
-    out = io.resample(arr, src, (6, 5, 4), dst, 'linear')
+    out = geometry.resample(arr, src, (6, 5, 4), dst, 'linear')
     assert out.dtype == np.float32 and out.shape == (6, 5, 4, 3)
     assert np.allclose(out[:5], arr[1:]) and (out[5] == 0).all()
     lab = rng.integers(0, 60, (6, 5, 4)).astype(np.int16)
-    near = io.resample(lab, src, (6, 5, 4), dst, 'nearest', fill=-1)
+    near = geometry.resample(lab, src, (6, 5, 4), dst, 'nearest', fill=-1)
     assert near.dtype == np.int16 and np.array_equal(near[:5], lab[1:]) and (near[5] == -1).all()
 
 
@@ -131,21 +131,21 @@ def test_rescale_maps_percentiles_of_nonzero_voxels_to_unit_range():
     data = np.zeros((10, 10, 10), np.float32)
     data[:5] = np.arange(1, 501).reshape(5, 10, 10)
     lo, hi = np.percentile(np.arange(1, 501), (2, 98))
-    out = io.rescale_intensities(data, (2, 98))
+    out = geometry.rescale_intensities(data, (2, 98))
     assert out.dtype == np.float32 and out.min() == 0 and out.max() == 1
     assert np.allclose(out[data == 250], (250 - lo) / (hi - lo))
     assert (out[5:] == 0).all()  # background stays at 0
     assert (out[(data > 0) & (data <= lo)] == 0).all() and (out[data >= hi] == 1).all()
-    full = io.rescale_intensities(data, (0, 100))
+    full = geometry.rescale_intensities(data, (0, 100))
     assert full[data == 1] == 0 and full[data == 500] == 1
 
 
 def test_rescale_constant_image_has_no_contrast():
     with pytest.raises(ValueError, match='no contrast'):
-        io.rescale_intensities(np.full((4, 4, 4), 7.0))
+        geometry.rescale_intensities(np.full((4, 4, 4), 7.0))
     vol = io.Volume(np.full((4, 4, 4), 7.0), np.eye(4), path='flat.nii.gz')
     with pytest.raises(VolumeError, match='flat.nii.gz: image has no contrast'):
-        io.conform(vol)
+        geometry.conform(vol)
 
 
 # ---------------------------------------------------------------------------------------------

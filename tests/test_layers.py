@@ -282,3 +282,76 @@ def test_resolution_isotropic_blurs_every_axis():
     white = _high_fraction(noise[0, ..., 0], 0, 1 / 8)
     for a in range(3):
         assert _high_fraction(out, a, 1 / 8) < white / 8
+
+
+# --------------------------------------------------------------------- configs and arguments
+def _every_layer():
+    """One instance of every layer of synthkit.layers, with non-default arguments."""
+    from synthkit import generator as gen
+    classes, n = gen.label_classes()
+    return [
+        layers.GMMPainter(classes[:64], n, (10, 200), (1, 20), 'uniform', 0.3, seed=1),
+        layers.GMMPainter(classes[:64], n, (100, 30), (10, 5), 'normal', seed=2),
+        layers.RandomBiasField(0.5, 0.05, seed=3),
+        layers.RandomNoise(2.0, seed=4),
+        layers.GaussianBlur((1.0, 0.5, 2.0)),
+        layers.MinMaxNormalize(),
+        layers.RandomGamma(0.3, seed=5),
+        layers.RemapLabels([0, 1, 1, 2]),
+        layers.OneHot(5),
+        layers.RandomFieldOfView(0.2, 0.25, seed=6),
+        layers.RandomResolution((1, 3), (1, 6), 0.4, 0.6, 0.5, 2.0, 0.9, seed=7),
+        layers.RandomAffine((0.9, 1.1), (-10, 10), (-0.01, 0.01), (-5, 5), 0.5, 1, seed=8),
+        layers.RandomVelocityField((16, 16, 16), 2.0, 0.1, seed=9),
+        layers.IntegrateVelocity(5),
+        layers.ResizeField((8, 10, 12)),
+        layers.SpatialTransformer('nearest', 'coords', fill=-1),
+    ]
+
+
+@pytest.mark.parametrize('layer', _every_layer(), ids=lambda layer: type(layer).__name__)
+def test_every_layer_round_trips_through_its_config(layer):
+    config = layer.get_config()
+    again = type(layer).from_config(config)
+    assert again.get_config() == config
+
+
+@pytest.mark.parametrize('make, message', [
+    (lambda: layers.GMMPainter([0, 1], prior='gaussian'), 'prior'),
+    (lambda: layers.GMMPainter([0, 1], mean_range=(200, 10)), 'mean_range'),
+    (lambda: layers.GMMPainter([0, 1], std_range=(0, float('nan'))), 'std_range'),
+    (lambda: layers.GMMPainter([0, 1], background_zero_prob=1.5), 'background_zero_prob'),
+    (lambda: layers.RandomBiasField(std_max=-1), 'std_max'),
+    (lambda: layers.RandomBiasField(scale=0), 'scale'),
+    (lambda: layers.RandomNoise(std_max='a'), 'std_max'),
+    (lambda: layers.GaussianBlur(-1), 'sigma'),
+    (lambda: layers.RandomGamma(std=-0.1), 'std'),
+    (lambda: layers.OneHot(0), 'n'),
+    (lambda: layers.RandomFieldOfView(prob=2), 'prob'),
+    (lambda: layers.RandomResolution(isotropic_range=(4, 1)), 'isotropic_range'),
+    (lambda: layers.RandomResolution(voxsize=0), 'voxsize'),
+    (lambda: layers.RandomResolution(prob=-0.1), 'prob'),
+    (lambda: layers.RandomAffine(scaling_range=(0, 1.2)), None),
+    (lambda: layers.RandomAffine(scaling_range=(-1, 1.2)), 'scaling_range'),
+    (lambda: layers.RandomAffine(lr_axis=3), 'lr_axis'),
+    (lambda: layers.RandomAffine(flip_prob=1.01), 'flip_prob'),
+    (lambda: layers.RandomVelocityField((8, 8, 8), std_max=-2), 'std_max'),
+    (lambda: layers.IntegrateVelocity(2.5), 'steps'),
+    (lambda: layers.SpatialTransformer('cubic'), 'interp'),
+])
+def test_layer_arguments_are_checked_where_the_layer_is_made(make, message):
+    if message is None:          # a valid edge case
+        make()
+        return
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_affine_coordinates_without_a_displacement_field():
+    mat = ops.convert_to_tensor(np.eye(4, dtype=np.float32)[None])
+    centre = ops.convert_to_tensor(np.array([[3.5, 3.5, 3.5]], np.float32))
+    coords = np.asarray(layers.affine_coordinates(mat, None, centre, shape=(8, 8, 8)))
+    assert coords.shape == (1, 8, 8, 8, 3)
+    assert np.allclose(coords[0, 2, 3, 4], [2, 3, 4])     # identity: each voxel maps to itself
+    with pytest.raises(ValueError, match='shape'):
+        layers.affine_coordinates(mat, None, centre)

@@ -16,9 +16,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from synthkit import io
+from synthkit import geometry, io
 from synthkit import labels as lab
-from synthkit.tools import synth
+from synthkit.cli import synth
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = ['--shape', '32', '32', '32']
@@ -43,7 +43,7 @@ def head(lr_axis=0, extra=None):
 
 def affine(code, voxsize=1.0, origin=(3.0, -7.0, 11.0)):
     aff = np.eye(4)
-    aff[:3, :3] = io.orientation_matrix(code) * voxsize
+    aff[:3, :3] = geometry.orientation_matrix(code) * voxsize
     aff[:3, 3] = origin
     return aff
 
@@ -112,7 +112,7 @@ def test_outputs_have_sane_headers_and_contents(batch, batch_run):
             seg = nib.load(os.path.join(out, '%s_%03d_labels.nii.gz' % (name, k)))
             for im in (img, seg):
                 assert im.shape == (32, 32, 32)
-                assert io.orientation(im.affine) == code
+                assert geometry.orientation(im.affine) == code
                 np.testing.assert_allclose(im.header.get_zooms(), 1.0)
                 np.testing.assert_allclose(im.affine, img.affine)
                 assert im.header['sform_code'] == 1 and im.header['qform_code'] == 1
@@ -175,11 +175,11 @@ def test_geometry_and_flip_in_world_space(tmp, capsys):
                            '--config', cfg, '--shape', 36, 34, 32], capsys)
     assert status == 0, err
     seg = io.load_volume(os.path.join(tmp, 'out', 'asl_000_labels.nii.gz'))
-    assert io.orientation(seg.affine) == 'ASL' and seg.shape3 == (36, 34, 32)
+    assert geometry.orientation(seg.affine) == 'ASL' and seg.shape3 == (36, 34, 32)
     centre = seg.affine @ np.append((np.array(seg.shape3) - 1) / 2, 1)
     mirror = np.diag([-1.0, 1, 1, 1])
     mirror[0, 3] = 2 * centre[0]                       # x -> 2 c_x - x (world R axis)
-    back = io.resample(seg.data, seg.affine, src.shape, mirror @ in_aff, 'nearest', fill=-1)
+    back = geometry.resample(seg.data, seg.affine, src.shape, mirror @ in_aff, 'nearest', fill=-1)
     inside = back >= 0
     assert inside.mean() > 0.5
     np.testing.assert_array_equal(back[inside], lab.lr_swap_lookup()[src][inside])

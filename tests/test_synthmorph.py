@@ -11,8 +11,12 @@ import numpy as np
 import pytest
 from keras import ops
 
-from synthkit import io, morph, train, transforms
-from synthkit.tools import synthmorph
+from synthkit import io, trainer, transforms
+from synthkit import models as registry
+from synthkit.models.synthmorph import inference as sm_inference
+from synthkit.models.synthmorph import network as morph
+from synthkit.models.synthmorph import task as morph_task
+from synthkit.models.synthmorph import cli as synthmorph
 
 from helpers import make_affine, rotation
 
@@ -137,7 +141,7 @@ def pair(tmp):
 def _registrar(models):
     wa, wd = models
     card = lambda w: json.load(open(w[:-len('.weights.h5')] + '.json'))  # noqa: E731
-    return morph.Registrar((wa, card(wa)), (wd, card(wd)))
+    return sm_inference.Registrar((wa, card(wa)), (wd, card(wd)))
 
 
 def test_registrar_affine_and_rigid_are_symmetric(models, pair):
@@ -170,7 +174,7 @@ def test_warp_to_world_of_a_zero_field_is_the_matrix(models, pair):
     matrix = make_affine(rotation(deg_y=-10))
     matrix[:3, 3] = [2, -1, 3]
     zero = np.zeros(shape + (3,), np.float32)
-    disp = morph.warp_to_world(zero, grid, f.data.shape, f.affine, post=np.linalg.inv(matrix))
+    disp = sm_inference.warp_to_world(zero, grid, f.data.shape, f.affine, post=np.linalg.inv(matrix))
     expect = transforms.Transform(matrix=matrix, target=transforms.Geometry.of(f)).as_warp().disp
     assert np.allclose(disp, expect, atol=1e-4)
 
@@ -179,7 +183,7 @@ def test_composed_displacements_add_shifts_and_undo_each_other():
     shape = (12, 10, 8)
     a = np.broadcast_to(np.float32([1.5, -2, 0.5]), shape + (3,)).copy()
     b = np.broadcast_to(np.float32([-0.5, 1, 2]), shape + (3,)).copy()
-    assert np.allclose(morph.compose_displacements(a, b), a + b, atol=1e-5)
+    assert np.allclose(sm_inference.compose_displacements(a, b), a + b, atol=1e-5)
     # a smooth SVF composed with the integral of its negation is the identity in the interior
     rng = np.random.default_rng(3)
     from synthkit.layers import utils
@@ -187,7 +191,7 @@ def test_composed_displacements_add_shifts_and_undo_each_other():
                                         (8, 8, 8)))
     fwd = np.asarray(morph.integrate(vel, (16, 16, 16), 7))[0]
     inv = np.asarray(morph.integrate(-vel, (16, 16, 16), 7))[0]
-    both = morph.compose_displacements(inv, fwd)[4:-4, 4:-4, 4:-4]
+    both = sm_inference.compose_displacements(inv, fwd)[4:-4, 4:-4, 4:-4]
     assert np.abs(fwd).max() > 1 and np.median(np.abs(both)) < 0.02
 
 
@@ -198,7 +202,7 @@ def test_regridded_displacement_keeps_the_world_shift():
     shift_world = np.array([2.0, -1.0, 3.0])
     disp = np.broadcast_to((np.linalg.inv(coarse[:3, :3]) @ shift_world).astype(np.float32),
                            (32, 32, 24, 3)).copy()
-    out = morph.regrid_displacement(disp, coarse, (48, 40, 48), fine)
+    out = sm_inference.regrid_displacement(disp, coarse, (48, 40, 48), fine)
     world = out[10:30, 10:30, 10:30] @ fine[:3, :3].T
     assert np.allclose(world, shift_world, atol=1e-4)
 
@@ -216,7 +220,7 @@ def test_registrar_fine_level_runs_on_the_finer_grid_and_stays_invertible(models
     assert all(a < b for a, b in zip(cshape, shape)) and np.abs(coarse).max() > 0.1
     # the inverse composition undoes the forward one in the interior
     inner = tuple(slice(n // 4, -(n // 4)) for n in shape)
-    assert np.median(np.abs(morph.compose_displacements(inv, fwd)[inner])) < 0.05
+    assert np.median(np.abs(sm_inference.compose_displacements(inv, fwd)[inner])) < 0.05
 
 
 def _call(argv):
@@ -392,7 +396,7 @@ def test_correlation_network_builds_from_its_card_and_is_antisymmetric_in_use():
     assert vel.shape == (1, 8, 8, 8, 3) and np.all(np.isfinite(vel))
     card = {'architecture': {'type': 'deform_velocity', 'kind': 'correlation',
                              'features': [4, 8, 8], 'hyper_units': 4, 'head_features': 4}}
-    again = morph.build_network(card)
+    again = sm_inference.build_network(card)
     again.set_weights(net.get_weights())
     assert np.allclose(np.asarray(again.predict_on_batch([pair, np.array([[0.3]], np.float32)])),
                        vel, atol=1e-5)
@@ -404,28 +408,28 @@ def test_correlation_network_builds_from_its_card_and_is_antisymmetric_in_use():
 @pytest.mark.parametrize('task', ['synthmorph_affine', 'synthmorph_deform'])
 def test_registration_tasks_train_resume_and_export(task, tmp):
     maps = _maps(tmp)
-    cfg = train.preset(task, maps)
+    cfg = registry.preset(task, maps)
     cfg.shape, cfg.steps, cfg.val_every, cfg.val_pairs = (32, 32, 32), 2, 2, 1
-    cfg.task_options = {**cfg.task_options, 'shapes_maps': 1}
+    cfg.task_options = dict(cfg.task_options)
     cfg.task_options['net'] = ({'features': [4, 8, 8], 'out_features': 4}
                                if task.endswith('affine') else
                                {'kind': 'correlation', 'features': [4, 8, 8], 'hyper_units': 4,
                                 'head_features': 4})
-    if task.endswith('deform'):
-        cfg.task_options['shapes_prob'] = 0.5
+    if task.endswith('deform'):     # (the affine task has no shapes: its options refuse them)
+        cfg.task_options.update(shapes_prob=0.5, shapes_maps=1)
     run = os.path.join(tmp, 'run')
-    train.Trainer(cfg, run, progress=False).run()
-    rows = train.read_log(run)
+    trainer.Trainer(cfg, run, progress=False).run()
+    rows = trainer.read_log(run)
     assert rows[-1]['step'] == '2' and 0 <= float(rows[-1]['val_dice']) <= 1
     cfg.steps = 3
-    train.Trainer(cfg, run, progress=False).run()        # resumes from the checkpoint
-    assert train.read_log(run)[-1]['step'] == '3'
+    trainer.Trainer(cfg, run, progress=False).run()        # resumes from the checkpoint
+    assert trainer.read_log(run)[-1]['step'] == '3'
     cfg.steps = 4                                        # batches from a sampling process
-    train.Trainer(cfg, run, progress=False).run(workers=1)
-    assert train.read_log(run)[-1]['step'] == '4'
-    card = train.export(run, os.path.join(tmp, 'model'))
+    trainer.Trainer(cfg, run, progress=False).run(workers=1)
+    assert trainer.read_log(run)[-1]['step'] == '4'
+    card = trainer.export(run, os.path.join(tmp, 'model'))
     assert card['training']['steps'] == 4 and card['task'] == task
-    here = train.device_description()
+    here = trainer.device_description()
     assert card['training']['device'] == 'steps 0-4: ' + here      # three sessions, one device
     # a re-export keeps the card's notes (and drops scores measured on other weights)
     with open(os.path.join(tmp, 'model.json')) as f:
@@ -433,26 +437,26 @@ def test_registration_tasks_train_resume_and_export(task, tmp):
     old['notes'], old['scores'] = 'trained on a test machine', {'dice': 1.0}
     with open(os.path.join(tmp, 'model.json'), 'w') as f:
         json.dump(old, f)
-    card = train.export(run, os.path.join(tmp, 'model'))
+    card = trainer.export(run, os.path.join(tmp, 'model'))
     assert card['notes'] == 'trained on a test machine' and card['scores'] == {}
-    net = morph.build_network(card)
+    net = sm_inference.build_network(card)
     net.load_weights(os.path.join(tmp, 'model.weights.h5'))
     assert len(net.weights) > 0
 
 
 def test_device_history_merges_sessions_of_one_device():
     devs = [[0, 100, 'cpu'], [100, 250, 'cpu'], [250, 900, 'gpu'], [900, 1000, 'cpu']]
-    assert train.describe_devices(devs) == 'steps 0-250: cpu; steps 250-900: gpu; ' \
+    assert trainer.describe_devices(devs) == 'steps 0-250: cpu; steps 250-900: gpu; ' \
         'steps 900-1000: cpu'
-    assert 'Keras %s backend' % keras.backend.backend() in train.device_description()
+    assert 'Keras %s backend' % keras.backend.backend() in trainer.device_description()
 
 
 def test_shapes_bank_uses_distinct_painting_classes():
     from synthkit import generator as gen
-    bank = gen.shapes_bank(2, (20, 22, 18), seed=0)
+    bank = morph_task.shapes_bank(2, (20, 22, 18), seed=0)
     assert bank.shape == (2, 20, 22, 18)
-    assert set(np.unique(bank)) <= set(gen.SHAPE_LABELS) and len(np.unique(bank[0])) > 4
+    assert set(np.unique(bank)) <= set(morph_task.SHAPE_LABELS) and len(np.unique(bank[0])) > 4
     classes, _ = gen.label_classes()
-    assert len({classes[k] for k in gen.SHAPE_LABELS}) == len(gen.SHAPE_LABELS)
+    assert len({classes[k] for k in morph_task.SHAPE_LABELS}) == len(morph_task.SHAPE_LABELS)
     assert float(ops.mean(morph.dice_loss(np.ones((1, 2, 2, 2, 1), np.float32),
                                           np.ones((1, 2, 2, 2, 1), np.float32)))) < 1e-5

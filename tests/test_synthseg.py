@@ -9,9 +9,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from synthkit import inference, io, nets
+from synthkit import geometry, io, metrics, nets, predict
 from synthkit import labels as lab
-from synthkit.tools import synthseg
+from synthkit.models.synthseg import cli as synthseg
+from synthkit.models.synthseg import inference
 
 LABELS = lab.SEGMENTATION_LABELS
 
@@ -59,14 +60,14 @@ class ConstModel:
 def test_predict_tiled_matches_whole_volume_for_pointwise_model():
     x = np.random.default_rng(1).random((48, 40, 32)).astype(np.float32)
     whole = ConstModel().predict_on_batch(x[None, ..., None])[0]
-    tiled = inference.predict_tiled(ConstModel(), x, tile=16, overlap=8, divisor=8)
+    tiled = predict.predict_tiled(ConstModel(), x, tile=16, overlap=8, divisor=8)
     assert np.allclose(tiled, whole, atol=1e-5)
 
 
 def test_predict_tiled_skips_empty_tiles_as_background():
     x = np.zeros((32, 32, 32), np.float32)
     x[:16, :16, :16] = 0.7
-    out = inference.predict_tiled(ConstModel(), x, tile=16, overlap=0, divisor=8, empty=0)
+    out = predict.predict_tiled(ConstModel(), x, tile=16, overlap=0, divisor=8, empty=0)
     assert np.allclose(out[20:, 20:, 20:, 0], 1)           # empty tile: background certain
     assert np.allclose(out[:16, :16, :16, 1], 0.35)         # the model ran where there is data
 
@@ -86,8 +87,8 @@ def test_flip_averaging_swaps_left_right_channels():
             return p[None]
 
     x = np.ones((16, 8, 8), np.float32)
-    out = inference.predict_tiled(Lateral(), x, tile=16, overlap=0, divisor=8,
-                                  flip=(0, lab.lr_swap_table(labels)))
+    out = predict.predict_tiled(Lateral(), x, tile=16, overlap=0, divisor=8,
+                                flip=(0, lab.lr_swap_table(labels)))
     # mirrored input, mirrored back, channels swapped: the same anatomy -> the same answer
     assert np.allclose(out[:8, ..., 1], 1) and np.allclose(out[8:, ..., 2], 1)
 
@@ -127,7 +128,7 @@ def test_cli_single_file_outputs(tmp_path, models_env, capsys):
                        '--resample', str(tmp_path / 'res.nii.gz'), '--png'])
     assert e.value.code == 0, capsys.readouterr().err
     seg = io.load_volume(str(out), allow_empty=True)
-    assert io.orientation(seg.affine) == 'LIA'
+    assert geometry.orientation(seg.affine) == 'LIA'
     assert np.allclose(seg.voxsize, 1.0)
     assert set(np.unique(seg.data)) <= set(LABELS)
     assert io.load_lut(str(out))[17][0] == 'Left-Hippocampus'
@@ -202,7 +203,7 @@ def test_cli_missing_model_is_a_clear_error(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize('n', [96, 160, 192, 224, 256, 272])
 def test_axis_tiles_cover_with_overlap(n):
-    size, starts = inference._axis_tiles(n, 144, 16, 8)
+    size, starts = predict._axis_tiles(n, 144, 16, 8)
     assert size % 8 == 0 and size <= max(n, 144) and starts[0] == 0 and starts[-1] + size == n
     assert all(b - a <= size - 16 for a, b in zip(starts, starts[1:]))   # overlap >= 16
 
@@ -215,7 +216,7 @@ def test_resample_box_maps_coarse_posteriors_to_1mm():
     post[2:4, 2:4, 2:4] = [0, 1]
     box = (slice(4, 10),) * 3                  # where that box sits in the 2 mm grid
     dst = np.eye(4)
-    out, dbox = inference.resample_box(post, box, src, (40, 40, 40), dst)
+    out, dbox = predict.resample_box(post, box, src, (40, 40, 40), dst)
     assert np.allclose(out.sum(-1), 1)
     start = np.array([s.start for s in dbox])
     world_centre = 2.0 * (4 + 2.5)             # centre of the labelled 2 mm voxels, in mm
@@ -243,14 +244,69 @@ def test_cli_with_a_2mm_network(tmp_path, tiny_model_dir, monkeypatch):
 
 
 def test_image_statistics_mode_normalizes_each_input_by_itself(tiny_model_dir):
-    from synthkit.tools import common
     card = json.loads((tiny_model_dir / 'synthseg.json').read_text())
     weights = str(tiny_model_dir / 'synthseg.weights.h5')
-    moving, _ = common.load_unet(weights, card)
+    moving, _ = nets.load_unet(weights, card)
     card['input']['norm_statistics'] = 'image'
-    own, _ = common.load_unet(weights, card)
+    own, _ = nets.load_unet(weights, card)
     assert isinstance(own, nets.ImageStatistics) and own.output_shape == moving.output_shape
     x = 5 + 3 * np.random.default_rng(0).random((1, 16, 16, 16, 1)).astype(np.float32)
     expected = np.asarray(moving(x, training=True))          # as during training
     assert np.allclose(own.predict_on_batch(x), expected, atol=1e-5)
     assert not np.allclose(moving.predict_on_batch(x), expected, atol=1e-3)
+
+
+# ----------------------------------------------- geometry of the 2 mm network grid and back
+def _blob_map(shape=(70, 76, 64)):
+    """Label map (1 mm) of thick ellipsoids, off-centre: two touching hemispheres (2, 41) with
+    structures inside them and a brain-stem (16) joining them, one connected brain as the
+    post-processing expects."""
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing='ij'), -1)
+    out = np.zeros(shape, np.int32)
+    blobs = ((16, (35, 30, 44), (7, 9, 9)), (2, (24, 36, 30), (13, 16, 13)),
+             (41, (46, 36, 30), (13, 16, 13)), (4, (26, 40, 24), (5, 6, 5)),
+             (43, (44, 40, 24), (5, 6, 5)), (17, (20, 26, 32), (4, 6, 5)))
+    for label, centre, radii in blobs:
+        out[(((grid - centre) / radii) ** 2).sum(-1) <= 1] = label
+    return out
+
+
+class OracleSegmenter(inference.Segmenter):
+    """The Segmenter's own geometry (conform to its network grid, posteriors back to the 1 mm
+    output grid, post-processing) with a perfect 'network': the one-hot reference label map,
+    resampled (linear) onto whatever network grid the segmenter asks for."""
+
+    def __init__(self, ref, ref_affine, voxsize):
+        self.labels = tuple(LABELS)
+        self.voxsize = voxsize
+        self.cfg = nets.UNetConfig()
+        self.onehot = np.stack([ref == k for k in self.labels], -1).astype(np.float32)
+        self.ref_affine = ref_affine
+
+    def posteriors(self, conformed, fast=False):
+        post = geometry.resample(self.onehot, self.ref_affine, conformed.shape, conformed.affine,
+                                 'linear')
+        post[post.sum(-1) == 0, 0] = 1
+        box = predict.brain_box(post, 0)
+        return post[box], box
+
+
+@pytest.mark.parametrize('voxsize', [1.0, 2.0])
+@pytest.mark.parametrize('orientation', ['RAS', 'LIA', 'PSR'])
+def test_oracle_posteriors_come_back_to_1mm_in_place(voxsize, orientation):
+    """A perfect network's posteriors on the 2 mm (or 1 mm) network grid, through the same
+    conform / resample-back / post-processing path as real ones: Dice >= 0.93 against the
+    reference and no structure's centroid more than 0.25 mm off, for inputs in any orientation."""
+    ref = _blob_map()
+    affine = np.eye(4)
+    affine[:3, :3] = geometry.orientation_matrix(orientation)
+    affine[:3, 3] = [-31.0, 12.5, -40.0]
+    image = (ref > 0).astype(np.float32) * 100 + 10
+    result = OracleSegmenter(ref, affine, voxsize).segment(image, affine)
+    back = geometry.to_input_grid(result.hard, result.grid, 'nearest')
+    labels = [k for k in np.unique(ref) if k]
+    dice = metrics.dice_table(back, ref, labels)
+    assert min(dice.values()) >= 0.93, dice
+    offsets = metrics.centroid_offsets(back, ref, labels)
+    worst = max(np.abs(o).max() for o in offsets.values())      # input voxels are 1 mm
+    assert worst < 0.25, offsets

@@ -7,8 +7,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from synthkit import nets, train
-from synthkit.tools import synthstrip
+from synthkit import models, nets
+from synthkit.models.synthstrip import inference as strip_inference
+from synthkit.models.synthstrip import task as strip_task
+from synthkit.models.synthstrip import cli as synthstrip
 
 
 @pytest.fixture(scope='module')
@@ -40,13 +42,13 @@ def test_brain_mask_keeps_largest_component_and_fills_holes():
     sdt[5:20, 5:20, 5:20] = -3          # the brain
     sdt[10:13, 10:13, 10:13] = 4        # a hole inside it
     sdt[25:28, 25:28, 25:28] = -3       # an island
-    mask = synthstrip.brain_mask(sdt, border=1)
+    mask = strip_inference.brain_mask(sdt, border=1)
     assert mask[11, 11, 11] and not mask[26, 26, 26] and mask.sum() == 15 ** 3
 
 
 def test_border_moves_the_boundary():
     sdt = np.linspace(-5, 5, 11)[:, None, None] * np.ones((11, 3, 3))
-    assert synthstrip.brain_mask(sdt, 1).sum() < synthstrip.brain_mask(sdt, 3).sum()
+    assert strip_inference.brain_mask(sdt, 1).sum() < strip_inference.brain_mask(sdt, 3).sum()
 
 
 def test_cli_outputs_on_input_grid(tmp_path, strip_models, monkeypatch, capsys):
@@ -64,7 +66,7 @@ def test_cli_outputs_on_input_grid(tmp_path, strip_models, monkeypatch, capsys):
     o = np.asarray(out.dataobj)
     assert np.all(o[~m] == -1) and np.allclose(o[m], data[m])   # stripped = input inside
     d = np.asarray(sdt.dataobj)
-    assert np.array_equal(m, synthstrip.brain_mask(d, 1.0))     # mask = sdt < border, cleaned
+    assert np.array_equal(m, strip_inference.brain_mask(d, 1.0))     # mask = sdt < border, cleaned
     assert os.path.exists(tmp_path / 'b.png')
 
 
@@ -87,8 +89,8 @@ def test_cli_no_csf_needs_its_own_model(tmp_path, strip_models, monkeypatch, cap
 
 
 def test_distance_task_targets_and_score():
-    cfg = train.preset('synthstrip', ['a', 'b', 'c'])
-    task = train.DistanceTask(cfg)
+    cfg = models.preset('synthstrip', ['a', 'b', 'c'])
+    task = strip_task.DistanceTask(cfg)
     labels = np.zeros((1, 20, 20, 20, 1), np.int32)
     labels[0, 5:15, 5:15, 5:15] = 3                     # cortex: brain
     labels[0, 2:5, 5:15, 5:15] = 507                    # skull-ish: not brain
@@ -97,6 +99,6 @@ def test_distance_task_targets_and_score():
     assert np.abs(t).max() <= 2 * task.band              # clipped to twice the loss band
     assert task.score(t, t) == 1.0
     assert task.score(-t, t) == 0.0
-    loss = train.BandMSELoss(task.band)
+    loss = strip_task.BandMSELoss(task.band)
     assert float(np.mean(np.asarray(loss(t, t)))) == 0.0
     assert float(np.mean(np.asarray(loss(t, t + 2)))) == pytest.approx(4.0, rel=1e-3)

@@ -9,33 +9,34 @@ import numpy as np
 import pytest
 from keras import ops
 
-from synthkit import nets, train
+from synthkit import losses, metrics, models, nets, trainer
+from synthkit.task import TrainConfig, override
 
 
 def test_soft_dice_loss_values():
     y = np.zeros((1, 4, 4, 4, 2), np.float32)
     y[..., 0] = 1
     y[0, :2, ..., 0], y[0, :2, ..., 1] = 0, 1
-    assert float(ops.mean(train.soft_dice_loss(y, y))) == pytest.approx(0, abs=1e-6)
+    assert float(ops.mean(losses.soft_dice_loss(y, y))) == pytest.approx(0, abs=1e-6)
     swapped = y[..., ::-1]
-    assert float(ops.mean(train.soft_dice_loss(y, swapped))) == pytest.approx(1, abs=1e-4)
+    assert float(ops.mean(losses.soft_dice_loss(y, swapped))) == pytest.approx(1, abs=1e-4)
     half = np.full_like(y, 0.5)
-    assert float(ops.mean(train.soft_dice_loss(y, half))) == pytest.approx(0.5, abs=1e-3)
+    assert float(ops.mean(losses.soft_dice_loss(y, half))) == pytest.approx(0.5, abs=1e-3)
 
 
 def test_dice_ce_adds_cross_entropy():
     y = np.zeros((1, 2, 2, 2, 2), np.float32)
     y[..., 0] = 1
     p = np.full_like(y, 0.5)
-    pure = float(ops.mean(train.DiceCELoss(0)(y, p)))
-    both = float(ops.mean(train.DiceCELoss(1)(y, p)))
+    pure = float(ops.mean(losses.DiceCELoss(0)(y, p)))
+    both = float(ops.mean(losses.DiceCELoss(1)(y, p)))
     assert both - pure == pytest.approx(np.log(2), rel=1e-3)
 
 
 def test_hard_dice():
     a = np.array([0, 1, 1, 2])
     b = np.array([0, 1, 2, 2])
-    d = train.hard_dice(a, b, [1, 2, 3])
+    d = metrics.dice_per_label(a, b, [1, 2, 3])
     assert d[0] == pytest.approx(2 / 3) and d[1] == pytest.approx(2 / 3) and np.isnan(d[2])
 
 
@@ -60,18 +61,18 @@ def _label_maps(folder, n=3, size=28):
 def tiny_cfg(tmp_path_factory):
     maps = _label_maps(str(tmp_path_factory.mktemp('maps')))
     unet = nets.UNetConfig(features=4, levels=2, convs_per_level=1).to_dict()
-    return train.TrainConfig(label_maps=maps[:2], val_maps=maps[2:], shape=(16, 16, 16),
-                             unet=unet, generator={'translation_range_mm': (-2.0, 2.0)},
-                             steps=6, val_every=3, val_pairs=1, checkpoint_minutes=0)
+    return TrainConfig(label_maps=maps[:2], val_maps=maps[2:], shape=(16, 16, 16),
+                       unet=unet, generator={'translation_range_mm': (-2.0, 2.0)},
+                       steps=6, val_every=3, val_pairs=1, checkpoint_minutes=0)
 
 
 def test_run_resume_and_export(tiny_cfg, tmp_path):
     run = str(tmp_path / 'run')
     tiny_cfg.steps = 4
-    train.Trainer(tiny_cfg, run, progress=False).run()
+    trainer.Trainer(tiny_cfg, run, progress=False).run()
     assert json.load(open(os.path.join(run, 'state.json')))['step'] == 4
     tiny_cfg.steps = 6
-    train.Trainer(tiny_cfg, run, progress=False).run()        # resumes at step 4
+    trainer.Trainer(tiny_cfg, run, progress=False).run()        # resumes at step 4
     rows = list(csv.DictReader(open(os.path.join(run, 'log.csv'))))
     assert [int(r['step']) for r in rows][-1] == 6
     vals = [r for r in rows if r['val_dice']]
@@ -80,8 +81,8 @@ def test_run_resume_and_export(tiny_cfg, tmp_path):
     assert all(0 <= float(r['val_dice']) <= 1 for r in vals)
     assert all(np.isfinite(float(r['loss'])) for r in rows)
 
-    card = train.export(run, str(tmp_path / 'models' / 'seg'),
-                        label_dir=os.path.dirname(tiny_cfg.val_maps[0]))
+    card = trainer.export(run, str(tmp_path / 'models' / 'seg'),
+                          label_dir=os.path.dirname(tiny_cfg.val_maps[0]))
     assert set(card['training']['validation_by_norm_statistics']) == {'moving', 'image'}
     assert card['input']['norm_statistics'] in ('moving', 'image')
     assert card['training']['steps'] == 6 and card['training']['label_maps'] == [
@@ -92,43 +93,78 @@ def test_run_resume_and_export(tiny_cfg, tmp_path):
 
     # a fresh run started from the shipped weights continues their step count
     tiny_cfg.steps = 8
-    train.Trainer(tiny_cfg, str(tmp_path / 'run2'), progress=False,
-                  init=str(tmp_path / 'models' / 'seg')).run()
+    trainer.Trainer(tiny_cfg, str(tmp_path / 'run2'), progress=False,
+                    init=str(tmp_path / 'models' / 'seg')).run()
     state = json.load(open(str(tmp_path / 'run2' / 'state.json')))
     assert state['step'] == 8
     # ... and the card's device history (steps 0-6 there, 6-8 here, merged)
-    assert state['devices'] == [[0, 8, train.device_description()]]   # one device throughout
-    assert card['training']['devices'] == [[0, 6, train.device_description()]]
+    assert state['devices'] == [[0, 8, trainer.device_description()]]   # one device throughout
+    assert card['training']['devices'] == [[0, 6, trainer.device_description()]]
 
 
 def test_resume_refuses_a_different_config(tiny_cfg, tmp_path):
     run = str(tmp_path / 'run')
     tiny_cfg.steps = 1
-    train.Trainer(tiny_cfg, run, progress=False).run()
-    other = train.TrainConfig(**{**tiny_cfg.__dict__, 'learning_rate': 0.5})
+    trainer.Trainer(tiny_cfg, run, progress=False).run()
+    other = TrainConfig(**{**tiny_cfg.__dict__, 'learning_rate': 0.5})
     with pytest.raises(ValueError, match='learning_rate'):
-        train.Trainer(other, run, progress=False)
+        trainer.Trainer(other, run, progress=False)
 
 
 def test_override_sets_fields_and_task_options():
-    cfg = train.preset('synthmorph_deform', ['a', 'b', 'c'])
+    cfg = models.preset('synthmorph_deform', ['a', 'b', 'c'])
     before = dict(cfg.task_options)
-    train.override(cfg, 'learning_rate=1e-3')
-    train.override(cfg, 'task_options.lambda_range=[0, 0.5]')
-    train.override(cfg, 'shape=[32,32,32]')
+    override(cfg, 'learning_rate=1e-3')
+    override(cfg, 'task_options.lambda_range=[0, 0.5]')
+    override(cfg, 'shape=[32,32,32]')
     assert cfg.learning_rate == 1e-3 and cfg.shape == [32, 32, 32]
     assert cfg.task_options['lambda_range'] == [0, 0.5]
     assert {k: v for k, v in cfg.task_options.items() if k != 'lambda_range'} == \
         {k: v for k, v in before.items() if k != 'lambda_range'}
     for bad in ('learning_rate', 'nosuch=1', 'learning_rate.x=1'):
         with pytest.raises(ValueError):
-            train.override(cfg, bad)
+            override(cfg, bad)
 
 
 def test_run_stops_with_a_checkpoint_when_out_of_time(tiny_cfg, tmp_path):
     run = str(tmp_path / 'run')
     tiny_cfg.steps = 50
-    train.Trainer(tiny_cfg, run, progress=False).run(max_minutes=0)
+    trainer.Trainer(tiny_cfg, run, progress=False).run(max_minutes=0)
     state = json.load(open(os.path.join(run, 'state.json')))
     assert state['step'] == 1 and os.path.exists(os.path.join(run, 'ckpt.keras'))
-    assert train.read_log(run)[-1]['step'] == '1'
+    assert trainer.read_log(run)[-1]['step'] == '1'
+
+
+def test_task_options_reject_unknown_names():
+    cfg = models.preset('synthmorph_deform', ['a', 'b', 'c'])
+    options = models.task_class('synthmorph_deform').Options
+    with pytest.raises(ValueError, match='coord_wieght'):
+        override(cfg, 'task_options.coord_wieght=0.1', options)
+    with pytest.raises(ValueError, match='nonlin_sdt_mm'):
+        override(cfg, 'generator.nonlin_sdt_mm=2')
+    override(cfg, 'task_options.coord_weight=0.1', options)
+    assert cfg.task_options['coord_weight'] == 0.1
+    cfg.task_options = {**cfg.task_options, 'coord_wieght': 0.1}     # e.g. an edited config.json
+    with pytest.raises(ValueError, match='coord_wieght'):
+        models.create(cfg)
+    strip = models.preset('synthstrip', ['a', 'b', 'c'])
+    strip.task_options = {'csf': True, 'band': 3}
+    with pytest.raises(ValueError, match='band'):
+        models.create(strip)
+
+
+def test_every_registered_task_builds_from_its_preset():
+    import keras
+    from synthkit.task import Task
+    for name in models.TASKS:
+        cfg = models.preset(name, ['m1', 'm2', 'm3', 'm4'])
+        assert cfg.task == name and cfg.val_maps == ['m3', 'm4']
+        task = models.create(cfg)
+        assert isinstance(task, Task) and task.name == name
+        assert isinstance(task.architecture()['type'], str) and task.loss_description()
+        net = task.network()
+        assert isinstance(net, keras.Model)
+        if task.network_layer:
+            assert net.name == task.network_layer
+    with pytest.raises(ValueError, match='unknown task'):
+        models.task_class('synthsegg')

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from synthkit import transforms as T
-from synthkit.tools import synthmorph
+from synthkit.models.synthmorph import cli as synthmorph
 
 from helpers import make_affine, rotation
 

@@ -11,6 +11,8 @@ import keras
 import numpy as np
 from keras import layers
 
+from . import backend
+
 
 @dataclasses.dataclass
 class UNetConfig:
@@ -96,10 +98,21 @@ class ImageStatistics:
     def __init__(self, model):
         self.model = model
         self.output_shape = model.output_shape
-        self._call = lambda x: model(x, training=True)
-        if keras.backend.backend() == 'tensorflow':   # a graph: less than half the memory
-            import tensorflow as tf
-            self._call = tf.function(self._call, reduce_retracing=True)
+        # a graph on TensorFlow: less than half the memory of eager calls
+        self._call = backend.predictor(model, training=True)
 
     def predict_on_batch(self, x):
         return np.asarray(self._call(x))
+
+
+def load_unet(weights, card):
+    """Build the U-Net a model card describes and load ``weights`` into it: (model, config).
+
+    When the card's ``input.norm_statistics`` is ``'image'`` the model normalizes with each
+    input's own statistics (see :class:`ImageStatistics`)."""
+    cfg = UNetConfig.from_dict({k: v for k, v in card['architecture'].items() if k != 'type'})
+    model = unet(cfg)
+    model.load_weights(weights)
+    if card.get('input', {}).get('norm_statistics') == 'image':
+        model = ImageStatistics(model)
+    return model, cfg

@@ -65,6 +65,27 @@ def montage(image, seg=None, center=None, alpha=0.45, side_by_side=False):
     return np.clip(np.concatenate(out_rows, axis=0), 0, 255).astype(np.uint8)
 
 
+def checkerboard(a, b, tile=12):
+    """``a`` where the 3-D checkerboard of ``tile`` voxels is white, ``b`` elsewhere (both on one
+    grid, intensities in [0, 1]): edges that continue across squares show a good alignment."""
+    idx = np.indices(np.shape(a)) // tile
+    return np.where(idx.sum(0) % 2 == 0, a, b)
+
+
+def registration_montage(fixed, moved, center=None):
+    """RGB uint8 picture of a registration: three rows of orthogonal slices (LIA voxel order, one
+    grid): the fixed image, the moved image, and a checkerboard of the two."""
+    fixed, moved = np.asarray(fixed, np.float32), np.asarray(moved, np.float32)
+    if center is None:
+        mask = fixed > 0
+        center = np.round(np.argwhere(mask).mean(0)).astype(int) if mask.any() else \
+            [n // 2 for n in fixed.shape]
+    rows = [montage(x, center=center) for x in (fixed, moved, checkerboard(fixed, moved))]
+    width = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
+    return np.concatenate(rows, axis=0)
+
+
 def save_png(rgb, path, scale=2):
     """Write an RGB uint8 array as PNG (nearest upscaling by ``scale``), atomically."""
     import os

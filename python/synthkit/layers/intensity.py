@@ -31,9 +31,12 @@ class GMMPainter(keras.layers.Layer):
         super().__init__(**kwargs)
         self.classes = [int(c) for c in np.asarray(classes).ravel()]
         self.n_classes = int(n_classes or max(self.classes) + 1)
-        self.mean_range, self.std_range = tuple(mean_range), tuple(std_range)
-        self.prior = prior
-        self.background_zero_prob = background_zero_prob
+        self.prior = utils.check_choice('prior', prior, ('uniform', 'normal'))
+        ordered = prior == 'uniform'       # 'normal': (mean, std) of the prior
+        self.mean_range = utils.check_range('mean_range', mean_range, ordered=ordered)
+        self.std_range = utils.check_range('std_range', std_range, ordered=ordered)
+        self.background_zero_prob = utils.check_number('background_zero_prob',
+                                                       background_zero_prob, 0, 1)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
@@ -69,7 +72,9 @@ class RandomBiasField(keras.layers.Layer):
 
     def __init__(self, std_max=0.7, scale=0.025, seed=None, **kwargs):
         super().__init__(**kwargs)
-        self.std_max, self.scale, self.seed = std_max, scale, seed
+        self.std_max = utils.check_number('std_max', std_max, 0)
+        self.scale = utils.check_number('scale', scale, 0, low_open=True)
+        self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def field(self, b, shape):
@@ -91,7 +96,7 @@ class RandomNoise(keras.layers.Layer):
 
     def __init__(self, std_max=3.0, seed=None, **kwargs):
         super().__init__(**kwargs)
-        self.std_max, self.seed = std_max, seed
+        self.std_max, self.seed = utils.check_number('std_max', std_max, 0), seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def call(self, x):
@@ -108,7 +113,8 @@ class GaussianBlur(keras.layers.Layer):
 
     def __init__(self, sigma=1.0, **kwargs):
         super().__init__(**kwargs)
-        self.sigma = tuple(np.broadcast_to(np.asarray(sigma, float), (3,)).tolist())
+        self.sigma = tuple(utils.check_number('sigma', s, 0)
+                           for s in np.broadcast_to(np.asarray(sigma, float), (3,)).tolist())
 
     def call(self, x):
         mats = [utils.gaussian_matrix(n, ops.convert_to_tensor([s], 'float32'))[0]
@@ -134,7 +140,7 @@ class RandomGamma(keras.layers.Layer):
 
     def __init__(self, std=0.5, seed=None, **kwargs):
         super().__init__(**kwargs)
-        self.std, self.seed = std, seed
+        self.std, self.seed = utils.check_number('std', std, 0), seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def call(self, x):
@@ -166,7 +172,7 @@ class OneHot(keras.layers.Layer):
 
     def __init__(self, n, **kwargs):
         super().__init__(**kwargs)
-        self.n = int(n)
+        self.n = int(utils.check_number('n', n, 0, low_open=True))
 
     def call(self, labels):
         return ops.one_hot(ops.cast(labels[..., 0], 'int32'), self.n)
@@ -187,7 +193,9 @@ class RandomFieldOfView(keras.layers.Layer):
 
     def __init__(self, prob=0.3, max_fraction=0.3, seed=None, **kwargs):
         super().__init__(**kwargs)
-        self.prob, self.max_fraction, self.seed = prob, max_fraction, seed
+        self.prob = utils.check_number('prob', prob, 0, 1)
+        self.max_fraction = utils.check_number('max_fraction', max_fraction, 0, 1)
+        self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def call(self, reference):

@@ -40,13 +40,14 @@ class RandomResolution(keras.layers.Layer):
                  anisotropic_prob=0.5, thickness_min_fraction=0.5, blur_factor=0.425,
                  voxsize=1.0, prob=1.0, seed=None, **kwargs):
         super().__init__(**kwargs)
-        self.isotropic_range = tuple(isotropic_range)
-        self.anisotropic_range = tuple(anisotropic_range)
-        self.anisotropic_prob = anisotropic_prob
-        self.thickness_min_fraction = thickness_min_fraction
-        self.blur_factor = blur_factor
-        self.voxsize = voxsize
-        self.prob = prob
+        self.isotropic_range = utils.check_range('isotropic_range', isotropic_range, 0)
+        self.anisotropic_range = utils.check_range('anisotropic_range', anisotropic_range, 0)
+        self.anisotropic_prob = utils.check_number('anisotropic_prob', anisotropic_prob, 0, 1)
+        self.thickness_min_fraction = utils.check_number('thickness_min_fraction',
+                                                         thickness_min_fraction, 0, 1)
+        self.blur_factor = utils.check_number('blur_factor', blur_factor, 0)
+        self.voxsize = utils.check_number('voxsize', voxsize, 0, low_open=True)
+        self.prob = utils.check_number('prob', prob, 0, 1)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 

@@ -30,12 +30,12 @@ class RandomAffine(keras.layers.Layer):
                  shearing_range=(-0.012, 0.012), translation_range=(0, 0), flip_prob=0.0,
                  lr_axis=0, seed=None, **kwargs):
         super().__init__(**kwargs)
-        self.scaling_range = tuple(scaling_range)
-        self.rotation_range_deg = tuple(rotation_range_deg)
-        self.shearing_range = tuple(shearing_range)
-        self.translation_range = tuple(translation_range)
-        self.flip_prob = flip_prob
-        self.lr_axis = lr_axis
+        self.scaling_range = utils.check_range('scaling_range', scaling_range, 0)
+        self.rotation_range_deg = utils.check_range('rotation_range_deg', rotation_range_deg)
+        self.shearing_range = utils.check_range('shearing_range', shearing_range)
+        self.translation_range = utils.check_range('translation_range', translation_range)
+        self.flip_prob = utils.check_number('flip_prob', flip_prob, 0, 1)
+        self.lr_axis = utils.check_choice('lr_axis', lr_axis, (0, 1, 2))
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
 
@@ -89,8 +89,8 @@ class RandomVelocityField(keras.layers.Layer):
     def __init__(self, shape, std_max=4.0, scale=0.04, seed=None, **kwargs):
         super().__init__(**kwargs)
         self.shape = tuple(int(n) for n in shape)
-        self.std_max = std_max
-        self.scale = scale
+        self.std_max = utils.check_number('std_max', std_max, 0)
+        self.scale = utils.check_number('scale', scale, 0, low_open=True)
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.coarse_shape = tuple(max(2, math.ceil(scale * n)) for n in self.shape)
@@ -117,7 +117,9 @@ class IntegrateVelocity(keras.layers.Layer):
 
     def __init__(self, steps=7, **kwargs):
         super().__init__(**kwargs)
-        self.steps = steps
+        if int(steps) != steps or steps < 0:
+            raise ValueError('steps must be a non-negative integer, got %r' % (steps,))
+        self.steps = int(steps)
 
     def call(self, vel):
         disp = vel / (2 ** self.steps)
@@ -180,14 +182,17 @@ class SpatialTransformer(keras.layers.Layer):
                 'fill': self.fill}
 
 
-def affine_coordinates(matrix, disp, src_center):
+def affine_coordinates(matrix, disp, src_center, shape=None):
     """Source voxel coordinates of output voxels under ``affine(x + disp(x))``.
 
     ``matrix`` (B, 4, 4) acts on coordinates centred on the output grid and yields coordinates
-    centred on ``src_center`` (B, 3) of the source; ``disp`` (B, X, Y, Z, 3) or None.
+    centred on ``src_center`` (B, 3) of the source; ``disp`` (B, X, Y, Z, 3), or None for a
+    purely affine map of an output grid of ``shape``.
     """
-    shape = disp.shape[1:4]
-    x = utils.volume_grid(shape, center=True)[None]
+    if disp is None and shape is None:
+        raise ValueError('affine_coordinates: give the output shape when there is no '
+                         'displacement field')
+    x = utils.volume_grid(disp.shape[1:4] if disp is not None else shape, center=True)[None]
     if disp is not None:
         x = x + disp
     lin, trans = matrix[:, :3, :3], matrix[:, :3, 3]

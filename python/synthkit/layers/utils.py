@@ -111,3 +111,43 @@ def sample_linear(vol, coords, fill=0):
         vals = ops.where(valid[..., None], vals, ops.cast(fill, vals.dtype))
         result = result + w[..., None] * vals
     return ops.reshape(result, (b, *out_shape, c))
+
+
+# ------------------------------------------------------------------ argument checks of layers
+# Layers check their arguments where they are made, so that a typo (prior='gaussian') or an
+# impossible value fails at once with its name, not silently or deep inside a compiled graph.
+
+def check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError('%s must be one of %s, got %r' % (name, ', '.join(map(repr, choices)),
+                                                           value))
+    return value
+
+
+def check_number(name, value, low=None, high=None, low_open=False):
+    """``value`` as a float, finite and within [low, high] (``low_open``: (low, high])."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError('%s must be a number, got %r' % (name, value)) from None
+    if not np.isfinite(v) or (low is not None and (v <= low if low_open else v < low)) \
+            or (high is not None and v > high):
+        bounds = '%s%s, %s]' % ('(' if low_open else '[', '-inf' if low is None else low,
+                                'inf' if high is None else high)
+        raise ValueError('%s must be a finite number in %s, got %r' % (name, bounds, value))
+    return v
+
+
+def check_range(name, value, low=None, ordered=True):
+    """``value`` as a ``(low, high)`` tuple of finite numbers (``low <= high`` if ``ordered``)."""
+    try:
+        pair = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError('%s must be a pair (low, high), got %r' % (name, value)) from None
+    if len(pair) != 2:
+        raise ValueError('%s must be a pair (low, high), got %r' % (name, value))
+    for v in pair:
+        check_number(name, v, low)
+    if ordered and pair[0] > pair[1]:
+        raise ValueError('%s must have low <= high, got %r' % (name, value))
+    return pair

@@ -86,7 +86,7 @@ class BatchReport:
         """Print the summary; return the exit status (1 if anything failed)."""
         if self.failed:
             print('%s: %d of %d input(s) failed:' % (self.prog, len(self.failed),
-                                                      len(self.failed) + self.done),
+                                                     len(self.failed) + self.done),
                   file=sys.stderr)
             for label, msg in self.failed:
                 print('  %s: %s' % (label, msg), file=sys.stderr)
@@ -139,18 +139,3 @@ def require_inputs(*paths):
     for path in paths:
         if path is not None and not os.path.exists(path):
             raise ToolError('%s: no such file' % path)
-
-
-def load_unet(weights, card):
-    """Build the U-Net a model card describes and load ``weights`` into it: (model, config).
-
-    When the card's ``input.norm_statistics`` is ``'image'`` the model normalizes with each
-    input's own statistics (see :class:`synthkit.nets.ImageStatistics`)."""
-    from .. import nets
-    cfg = nets.UNetConfig.from_dict({k: v for k, v in card['architecture'].items()
-                                     if k != 'type'})
-    model = nets.unet(cfg)
-    model.load_weights(weights)
-    if card.get('input', {}).get('norm_statistics') == 'image':
-        model = nets.ImageStatistics(model)
-    return model, cfg

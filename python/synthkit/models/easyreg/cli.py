@@ -10,7 +10,7 @@ can be applied to other images with mri_easywarp.
 import argparse
 import os
 
-from . import common
+from ...cli import common
 
 PROG = 'mri_easyreg'
 

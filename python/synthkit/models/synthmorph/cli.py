@@ -13,8 +13,8 @@ import os
 
 import numpy as np
 
-from . import common
-from .. import io, transforms
+from ... import io, transforms
+from ...cli import common
 
 PROG = 'mri_synthmorph'
 
@@ -109,6 +109,9 @@ def build_parser():
     r.add_argument('-w', '--weights', metavar='FILE', action='append',
                    help='alternative model weights, once per model (joint: affine, deform)')
     r.add_argument('-v', '--verbose', action='store_true', help='print more information')
+    r.add_argument('--png', action='store_true',
+                   help='(SynthKit) save a QC picture beside the first output: the fixed image, '
+                        'the moved image and a checkerboard of both, in three orthogonal slices')
     r.set_defaults(run=register, check=check_register)
 
     a = sub.add_parser('apply', help='apply a transform to images', description=APPLY,
@@ -208,13 +211,13 @@ def register(args):
     if not args.gpu:
         common.hide_gpus()
 
-    from .. import morph
+    from . import inference
     say = (lambda msg: print('%s: %s' % (PROG, msg), flush=True)) if args.verbose \
         else (lambda msg: None)
     t0 = time.time()
     affine_model = found[0] if args.model != 'deform' else None
     deform_model = found[-1] if args.model in ('deform', 'joint') else None
-    reg = morph.Registrar(affine_model, deform_model, extent_mm=args.extent)
+    reg = inference.Registrar(affine_model, deform_model, extent_mm=args.extent)
     say('models loaded (%.1f s)' % (time.time() - t0))
 
     matrix = init
@@ -235,12 +238,12 @@ def register(args):
             inverse=need_inverse, fine_mm=args.fine,
             progress=lambda msg: say('%s (%.1f s)' % (msg, time.time() - t0)))
         fwd = transforms.Transform(
-            disp=morph.warp_to_world(u, grid, dst.shape, dst.affine, post=np.linalg.inv(matrix)),
+            disp=inference.warp_to_world(u, grid, dst.shape, dst.affine, post=np.linalg.inv(matrix)),
             source=src, target=dst)
         inv = None
         if need_inverse:
             inv = transforms.Transform(
-                disp=morph.warp_to_world(u_inv, grid, src.shape, src.affine, pre=matrix),
+                disp=inference.warp_to_world(u_inv, grid, src.shape, src.affine, pre=matrix),
                 source=dst, target=src)
 
     for trans, path in ((fwd, args.trans), (inv, args.inverse)):
@@ -250,6 +253,7 @@ def register(args):
             transforms.write_lta(trans, path)
         else:
             transforms.write_warp(trans, path)
+    moved = None
     for trans, vol, path in ((fwd, mov, args.out_moving), (inv, fix, args.out_fixed)):
         if not path:
             continue
@@ -259,9 +263,27 @@ def register(args):
             data, affine = transforms.apply(trans, vol, method='linear',
                                             dtype=np.float32 if vol.data.dtype.kind == 'f'
                                             else None)
+            if vol is mov:
+                moved = data
         io.save_volume(data, affine, path, like=vol)
+    if args.png:
+        if moved is None:
+            moved = transforms.apply(fwd, mov, method='linear', dtype=np.float32)[0]
+        first = next(p for p in (args.out_moving, args.out_fixed, args.trans, args.inverse) if p)
+        save_qc_picture(fdata, np.asarray(moved, np.float32), fix.affine, first)
     say('done (%.1f s)' % (time.time() - t0))
     return 0
+
+
+def save_qc_picture(fixed, moved, affine, beside):
+    """``STEM.png`` beside output ``beside``: fixed and moved images (both on the fixed grid
+    ``affine``) at 1 mm in LIA order, and their checkerboard."""
+    from ... import geometry, qc
+    if moved.ndim == 4:
+        moved = moved[..., 0]
+    grid = [geometry.conform((x, affine), voxsize=1.0, multiple=1).data for x in (fixed, moved)]
+    png = os.path.join(os.path.dirname(os.path.abspath(beside)), io.stem(beside) + '.png')
+    qc.save_png(qc.registration_montage(*grid), png)
 
 
 def apply(args):

@@ -7,7 +7,7 @@ Intensity images are interpolated trilinearly; label maps need --nearest.
 
 import argparse
 
-from . import common
+from ...cli import common
 
 PROG = 'mri_easywarp'
 

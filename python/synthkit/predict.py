@@ -1,10 +1,10 @@
-"""Running trained networks on whole scans: tiled prediction, left/right flip averaging and
-SynthSeg-style posterior post-processing."""
+"""Running trained networks on whole scans: tiled prediction with left/right flip averaging,
+and moving network-grid outputs to the output grid."""
 
 import numpy as np
 from scipy import ndimage
 
-from . import labels as lab
+from . import geometry
 
 
 def _axis_tiles(n, tile, overlap, divisor):
@@ -30,7 +30,8 @@ def predict_tiled(model, x, tile=144, overlap=16, divisor=8, flip=None, dtype=np
     ``flip=(axis, channel_permutation)`` also predicts each tile mirrored along ``axis`` and
     averages it in with its channels permuted (left/right label swap). Tiles whose input is
     all zero (outside the field of view or masked) are not run: they get ``empty``, a channel
-    index given probability one (e.g. background), or a sequence of per-channel values. Sizes must be multiples of ``divisor``.
+    index given probability one (e.g. background), or a sequence of per-channel values. Sizes
+    must be multiples of ``divisor``.
     """
     shape = x.shape
     if any(n % divisor for n in shape) or tile % divisor:
@@ -85,7 +86,6 @@ def brain_box(post, bg_channel=0, threshold=0.5, margin=4):
 def resample_box(post, box, src_affine, dst_shape, dst_affine):
     """Resample box posteriors from a (coarser) source grid onto the part of a destination grid
     that the box covers (linear, channel by channel); returns (posteriors, destination box)."""
-    from . import io
     start = np.array([s.start for s in box], float)
     stop = np.array([s.stop - 1 for s in box], float)
     corners = np.array([[a, b, c, 1] for a in (start[0], stop[0]) for b in (start[1], stop[1])
@@ -98,53 +98,14 @@ def resample_box(post, box, src_affine, dst_shape, dst_affine):
     src_box_affine = src_affine @ shift
     shift = np.eye(4)
     shift[:3, 3] = lo
-    out = io.resample(post, src_box_affine, tuple(hi - lo), dst_affine @ shift, 'linear', fill=0)
+    out = geometry.resample(post, src_box_affine, tuple(hi - lo), dst_affine @ shift, 'linear',
+                            fill=0)
     total = out.sum(-1, keepdims=True)
     outside = total[..., 0] <= 0            # beyond the source box: background
     out[outside, 0] = 1
     total[outside] = 1
     out /= total
     return out, tuple(slice(a, b) for a, b in zip(lo, hi))
-
-
-def postprocess(post, out_labels, smooth_sigma=0.5, threshold=0.25):
-    """SynthSeg-style clean-up of posteriors (X, Y, Z, C) float32, in place (returns it).
-
-    1. light Gaussian smoothing of each channel (``smooth_sigma`` voxels, 0 to skip);
-    2. the brain (1 - background posterior > ``threshold``) keeps its largest connected
-       component; posteriors outside it go to background;
-    3. each topological class (a structure with its neighbours of the same hemisphere, e.g.
-       left cerebral WM + cortex + ventricles) keeps its largest component; the class's
-       posteriors elsewhere are zeroed;
-    4. renormalize to sum to one.
-    """
-    post = np.asarray(post, np.float32)   # modified in place when already float32
-    if smooth_sigma:
-        for c in range(post.shape[-1]):
-            post[..., c] = ndimage.gaussian_filter(post[..., c], smooth_sigma)
-    out_labels = list(out_labels)
-    bg = out_labels.index(0)
-    brain = largest_component(1 - post[..., bg] > threshold)
-    post[~brain] = 0
-    post[~brain, bg] = 1
-    classes = {}
-    for c, label in enumerate(out_labels):
-        t = lab.TOPOLOGY_CLASSES.get(label, 0)
-        if t:
-            classes.setdefault(t, []).append(c)
-    for chans in classes.values():
-        mask = post[..., chans].sum(-1) > threshold
-        if not mask.any():
-            continue
-        box = ndimage.find_objects(mask.astype(np.int8))[0]
-        drop = mask[box] & ~largest_component(mask[box])
-        for c in chans:
-            post[box + (c,)][drop] = 0
-    total = post.sum(-1, keepdims=True)
-    empty = total[..., 0] <= 0
-    post[empty, bg] = 1
-    total[empty] = 1
-    return post / total
 
 
 def largest_component(mask):
@@ -155,30 +116,3 @@ def largest_component(mask):
     sizes = np.bincount(labelled.ravel())
     sizes[0] = 0
     return labelled == np.argmax(sizes)
-
-
-def hard_segmentation(post, out_labels):
-    """Argmax of posteriors as aseg label values (int32)."""
-    return np.asarray(out_labels, np.int32)[np.argmax(post, axis=-1)]
-
-
-def volumes(post, out_labels, voxel_volume=1.0):
-    """Soft volumes (mm^3) per label from posteriors: {label: volume}."""
-    sums = post.reshape(-1, post.shape[-1]).sum(0, dtype=np.float64) * voxel_volume
-    return {int(label): float(v) for label, v in zip(out_labels, sums)}
-
-
-def qc_scores(post, out_labels):
-    """Per QC group: mean posterior of the winning label over the voxels assigned to the group.
-
-    A score near 1 means the network is confident about that group; low scores flag regions
-    where the prediction is uncertain (poor contrast, artefacts, a failed segmentation). An
-    absent group scores 0.
-    """
-    seg = hard_segmentation(post, out_labels)
-    conf = post.max(-1)
-    scores = {}
-    for name, members in lab.QC_GROUPS:
-        mask = np.isin(seg, members)
-        scores[name] = float(conf[mask].mean()) if mask.any() else 0.0
-    return scores

@@ -22,7 +22,7 @@ import zlib
 
 import numpy as np
 
-from .. import io
+from .. import geometry, io
 from .. import labels as lab
 from . import common
 
@@ -95,8 +95,8 @@ def synthesize(args):
                                % ' '.join(map(str, args.shape)))
     if args.threads is not None and args.threads < 1:
         raise common.ToolError('--threads must be at least 1, got %d' % args.threads)
-    if args.voxsize is not None and not args.voxsize > 0:
-        raise common.ToolError('--voxsize must be positive, got %g' % args.voxsize)
+    if args.voxsize is not None and not 0 < args.voxsize < float('inf'):
+        raise common.ToolError('--voxsize must be a positive number, got %g' % args.voxsize)
     if os.path.exists(args.o) and not os.path.isdir(args.o):
         raise common.ToolError('%s: --o must be a folder, not a file' % args.o)
     inputs = [path for path, _ in io.batch_pairs(args.i, None)]
@@ -144,41 +144,9 @@ def load_params(path, params_class):
         print('%s: warning: %s: lr_axis is ignored (taken from each input\'s header)'
               % (PROG, path), file=sys.stderr)
     try:
-        params = params_class.from_dict(values)
-    except (TypeError, ValueError) as e:
+        return params_class.from_dict(values)
+    except (TypeError, ValueError) as e:     # unknown names, invalid values
         raise common.ToolError('%s: %s' % (path, e)) from None
-    problem = check_params(params)
-    if problem:
-        raise common.ToolError('%s: %s' % (path, problem))
-    return params
-
-
-def _number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
-
-
-def check_params(params):
-    """A one-line description of the first invalid generator parameter, or None."""
-    for field in dataclasses.fields(params):
-        name, value = field.name, getattr(params, field.name)
-        if isinstance(field.default, tuple):
-            if not (isinstance(value, tuple) and len(value) == 2 and all(map(_number, value))):
-                return '%s must be a pair of numbers [low, high], got %r' % (name, value)
-            ordered = name not in ('mean_range', 'std_range') or params.prior == 'uniform'
-            if ordered and value[0] > value[1]:
-                return '%s must have low <= high, got %r' % (name, list(value))
-        elif name == 'prior':
-            if value not in ('uniform', 'normal'):
-                return "prior must be 'uniform' or 'normal', got %r" % (value,)
-        elif not _number(value):
-            return '%s must be a number, got %r' % (name, value)
-        elif name.endswith('_prob') and not 0 <= value <= 1:
-            return '%s must be in [0, 1], got %r' % (name, value)
-        elif name in ('voxsize_mm', 'nonlin_scale', 'bias_scale') and not value > 0:
-            return '%s must be positive, got %r' % (name, value)
-        elif value < 0:
-            return '%s must not be negative, got %r' % (name, value)
-    return None
 
 
 class Synthesizer:
@@ -207,7 +175,7 @@ class Synthesizer:
         names[name] = path
         vol = io.load_volume(path)
         labels = check_label_map(vol)
-        lr_axis = io.orientation(vol.affine).replace('R', 'L').index('L')
+        lr_axis = geometry.orientation(vol.affine).replace('R', 'L').index('L')
         src, centre = source_array(labels)
         affine = output_affine(vol.affine, centre, self.shape, self.params.voxsize_mm)
         sampler = self.sampler(lr_axis, src.shape)

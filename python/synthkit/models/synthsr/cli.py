@@ -9,7 +9,7 @@ with the input.
 
 import argparse
 
-from . import common
+from ...cli import common
 
 PROG = 'mri_synthsr'
 

@@ -13,9 +13,11 @@ import sys
 
 import numpy as np
 
-from .. import inference, io
-from .. import labels as lab
-from . import common
+from ... import geometry, io
+from ... import labels as lab
+from ...cli import common
+from . import inference
+from .inference import Segmenter
 
 PROG = 'mri_synthseg'
 
@@ -59,63 +61,6 @@ def build_parser():
     return p
 
 
-class Segmentation:
-    """One scan's result: ``hard`` labels on the 1 mm output grid ``grid`` (a Conformed whose
-    data is the rescaled scan), posteriors ``post`` inside ``box`` of that grid."""
-
-    def __init__(self, hard, post, box, grid):
-        self.hard, self.post, self.box, self.grid = hard, post, box, grid
-
-
-class Segmenter:
-    """The loaded network and how to segment one scan with it."""
-
-    def __init__(self, weights=None):
-        import keras
-        path, card = common.find_model('synthseg', weights)
-        self.model, self.cfg = common.load_unet(path, card)
-        self.labels = tuple(card['output_labels'])
-        self.voxsize = float(card['input'].get('voxsize_mm', 1.0))
-        self.card = card
-        keras.utils.set_random_seed(0)
-
-    def posteriors(self, conformed, fast=False):
-        """Raw posteriors (x, y, z, 33) float32 inside the brain's bounding box, and the box,
-        on the network grid ``conformed``."""
-        flip = None if fast else (0, lab.lr_swap_table(self.labels))   # LIA: axis 0 is L-R
-        post = inference.predict_tiled(self.model, conformed.data, tile=144, overlap=16,
-                                       divisor=self.cfg.divisor, flip=flip, dtype=np.float16,
-                                       empty=self.labels.index(0))
-        box = inference.brain_box(post, self.labels.index(0))
-        return post[box].astype(np.float32), box
-
-    def segment(self, data, affine, fast=False, crop=None):
-        """Segment a 3-D array with its affine; ``crop`` (mm, 3 ints) analyses a centred box."""
-        grid = io.conform((data, affine), voxsize=1.0, crop=crop, multiple=16)
-        if self.voxsize == 1.0:
-            net = grid
-        else:
-            net_crop = None if crop is None else [int(round(c / self.voxsize)) for c in crop]
-            net = io.conform((data, affine), voxsize=self.voxsize, crop=net_crop,
-                             multiple=self.cfg.divisor * 2)
-        post, box = self.posteriors(net, fast)
-        if net is not grid:   # network space is coarser: posteriors go to 1 mm, linearly
-            post, box = inference.resample_box(post, box, net.affine, grid.data.shape,
-                                               grid.affine)
-        if not fast:
-            post = inference.postprocess(post, self.labels)
-        hard = np.zeros(grid.data.shape, np.int32)
-        hard[box] = inference.hard_segmentation(post, self.labels)
-        return Segmentation(hard, post, box, grid)
-
-    def full(self, post, box, shape):
-        """Paste box posteriors into a full-size array (background 1 outside the box)."""
-        full = np.zeros(tuple(shape) + (post.shape[-1],), np.float32)
-        full[..., self.labels.index(0)] = 1
-        full[box] = post
-        return full
-
-
 def _outputs(args):
     """Per-input tuples (input, seg, post, resampled), and every output path to check."""
     pairs = io.batch_pairs(args.i, args.o, '_synthseg')
@@ -143,20 +88,20 @@ def segment_one(seg, args, inp, out, post_path, res_path):
     grid, hard, post = result.grid, result.hard, result.post
     lut = lab.surfa_lookup(seg.labels)
     if args.keepgeom:
-        io.save_volume(io.to_input_grid(hard, grid, 'nearest'), vol.affine, out, like=vol,
+        io.save_volume(geometry.to_input_grid(hard, grid, 'nearest'), vol.affine, out, like=vol,
                        lut=lut, dtype=np.int32)
     else:
         io.save_volume(hard, grid.affine, out, lut=lut, dtype=np.int32)
     if post_path:
         full = seg.full(post, result.box, grid.data.shape)
-        data_out = io.to_input_grid(full, grid, 'linear') if args.keepgeom else full
+        data_out = geometry.to_input_grid(full, grid, 'linear') if args.keepgeom else full
         affine = vol.affine if args.keepgeom else grid.affine
         io.save_volume(data_out.astype(np.float32), affine, post_path)
     if res_path:
-        raw = io.conform((data, vol.affine), voxsize=1.0, crop=crop, multiple=16, rescale=False)
+        raw = geometry.conform((data, vol.affine), voxsize=1.0, crop=crop, multiple=16, rescale=False)
         io.save_volume(raw.data, raw.affine, res_path, like=vol)
     if args.png:
-        from .. import qc
+        from ... import qc
         png = os.path.join(os.path.dirname(os.path.abspath(out)), io.stem(out) + '.png')
         qc.save_png(qc.montage(grid.data, hard), png)
     return inference.volumes(post, seg.labels, 1.0), inference.qc_scores(post, seg.labels)

@@ -12,10 +12,10 @@ import os
 import sys
 
 import numpy as np
-from scipy import ndimage
 
-from .. import inference, io
-from . import common
+from ... import io
+from ...cli import common
+from .inference import Stripper, brain_mask
 
 PROG = 'mri_synthstrip'
 
@@ -38,28 +38,6 @@ def build_parser():
     p.add_argument('--png', action='store_true',
                    help='(SynthKit) save a QC picture (mask over the image) beside the first output')
     return p
-
-
-class Stripper:
-    """The loaded distance network and how to run it on one 3-D image."""
-
-    def __init__(self, path, card):
-        self.model, self.cfg = common.load_unet(path, card)
-        self.voxsize = float(card['input'].get('voxsize_mm', 1.0))
-        self.far = 2 * float((card.get('target') or {}).get('band_mm', 5.0))
-
-    def distance(self, data, affine):
-        """(signed distance on the input grid in mm, conformed image, distance there)."""
-        conformed = io.conform((np.asarray(data, np.float32), affine), voxsize=self.voxsize,
-                               multiple=self.cfg.divisor * 2)
-        sdt = inference.predict_tiled(self.model, conformed.data, tile=144, overlap=16,
-                                      divisor=self.cfg.divisor, empty=[self.far])[..., 0]
-        return io.to_input_grid(sdt, conformed, 'linear'), conformed.data, sdt
-
-
-def brain_mask(sdt, border):
-    """Voxels closer than ``border`` mm inside the boundary: largest component, holes filled."""
-    return ndimage.binary_fill_holes(inference.largest_component(sdt < border))
 
 
 def strip(args):
@@ -94,7 +72,7 @@ def strip(args):
     if args.sdt:
         io.save_volume(stack(sdts), vol.affine, args.sdt, like=vol)
     if args.png:
-        from .. import qc
+        from ... import qc
         first = outputs[0]
         png = os.path.join(os.path.dirname(os.path.abspath(first)), io.stem(first) + '.png')
         qc.save_png(qc.montage(image_net, np.where(sdt_net < args.border, 12, 0)), png)

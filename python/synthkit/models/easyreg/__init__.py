@@ -1,0 +1,1 @@
+"""EasyReg: segmentation-driven symmetric registration (model not yet shipped)."""

@@ -1,0 +1,1 @@
+"""SynthMorph: affine and deformable registration of any two brain scans."""

@@ -1,0 +1,1 @@
+"""SynthStrip: skull stripping by the signed distance to the brain boundary."""
