@@ -19,3 +19,23 @@ def make_affine(linear, translation=(0.0, 0.0, 0.0)):
     aff[:3, :3] = linear
     aff[:3, 3] = translation
     return aff
+
+
+def seeded(model, seed=0):
+    """Re-initialize ``model``'s kernels and biases with their own initializers, seeded (one
+    seed per weight from ``seed``): random-weight test networks must not depend on the global
+    Keras random state that the tests before them left (pytest-randomly orders them
+    differently every run). Returns the model."""
+    n = 0
+    for layer in model._flatten_layers(include_self=False):
+        for attr in ('kernel', 'bias'):
+            var = getattr(layer, attr, None)
+            init = getattr(layer, attr + '_initializer', None)
+            if var is None or init is None:
+                continue
+            config = init.get_config()
+            if 'seed' in config:
+                config['seed'] = seed * 1000 + n
+                n += 1
+            var.assign(type(init).from_config(config)(tuple(var.shape), dtype=var.dtype))
+    return model

@@ -18,7 +18,7 @@ from synthkit.models.synthmorph import network as morph
 from synthkit.models.synthmorph import task as morph_task
 from synthkit.models.synthmorph import cli as synthmorph
 
-from helpers import make_affine, rotation
+from helpers import make_affine, rotation, seeded
 
 
 # ------------------------------------------------------------------------------ point fits
@@ -105,8 +105,8 @@ def models(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp('models'))
     arch_a = {'features': [4, 8, 8], 'out_features': 8, 'out_level': 1}
     arch_d = {'features': [4, 8, 8], 'hyper_units': 4}
-    a = morph.feature_net(**arch_a)
-    d = morph.velocity_net(**arch_d)
+    a = seeded(morph.feature_net(**arch_a), 1)
+    d = seeded(morph.velocity_net(**arch_d), 2)
     k, b = d.get_layer('velocity').get_weights()
     d.get_layer('velocity').set_weights([k * 2e4, b])
     card = {'input': {'voxsize_mm': 3.0}}

@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from helpers import seeded
 from synthkit import geometry, io, metrics, nets, predict
 from synthkit import labels as lab
 from synthkit.models.synthseg import cli as synthseg
@@ -22,7 +23,7 @@ def tiny_model_dir(tmp_path_factory):
     """A 2-level, 4-feature U-Net with a model card, as the tools expect to find it."""
     folder = tmp_path_factory.mktemp('models')
     cfg = nets.UNetConfig(features=4, levels=2, convs_per_level=1)
-    model = nets.unet(cfg)
+    model = seeded(nets.unet(cfg), 3)
     model.save_weights(str(folder / 'synthseg.weights.h5'))
     card = {'architecture': {'type': 'unet', **cfg.to_dict()}, 'output_labels': list(LABELS),
             'input': {'voxsize_mm': 1.0}, 'training': {'steps': 0}}
@@ -310,3 +311,53 @@ def test_oracle_posteriors_come_back_to_1mm_in_place(voxsize, orientation):
     offsets = metrics.centroid_offsets(back, ref, labels)
     worst = max(np.abs(o).max() for o in offsets.values())      # input voxels are 1 mm
     assert worst < 0.25, offsets
+
+
+def test_upsampling_in_slabs_matches_resampling_the_whole_box():
+    rng = np.random.default_rng(0)
+    post = rng.random((30, 34, 28, 5)).astype(np.float32)
+    post /= post.sum(-1, keepdims=True)
+    src = np.eye(4)
+    src[:3, :3] = geometry.orientation_matrix('LIA') * 2
+    src[:3, 3] = [40, -50, 30]
+    dst = np.eye(4)
+    dst[:3, :3] = geometry.orientation_matrix('LIA')
+    dst[:3, 3] = [40.5, -50.5, 30.5]
+    box = (slice(3, 27), slice(5, 30), slice(2, 20))
+    ref, ref_box = predict.resample_box(post[box], box, src, (64, 70, 60), dst)
+    expected = np.zeros((64, 70, 60, 5), np.float32)
+    expected[..., 0] = 1
+    expected[ref_box] = ref
+    got = expected * 0
+    got[..., 0] = 1
+    planes = []
+    for sl, part in predict.upsample_slabs(post[box], box, src, (64, 70, 60), dst, slab=7):
+        got[sl] = part
+        planes.append(part.shape[0])
+    assert max(planes) <= 7 and len(planes) > 3
+    assert np.abs(got - expected).max() < 1e-5
+
+
+def test_summary_over_parts_equals_the_whole():
+    rng = np.random.default_rng(1)
+    post = rng.random((12, 10, 8, len(LABELS))).astype(np.float32)
+    post /= post.sum(-1, keepdims=True)
+    whole = inference.Summary(LABELS)
+    whole.add(post)
+    parts = inference.Summary(LABELS)
+    parts.add(post[:5])
+    parts.add(post[5:])
+    assert whole.volumes() == pytest.approx(parts.volumes())
+    assert whole.qc() == pytest.approx(parts.qc())
+    assert inference.volumes(post, LABELS) == pytest.approx(whole.volumes())
+
+
+def test_content_box_holds_the_image_in_whole_network_blocks():
+    data = np.zeros((64, 48, 40), np.float32)
+    data[10:20, 5:30, 33:37] = 1
+    box = inference.content_box(data, divisor=8, margin=4)
+    sizes = [s.stop - s.start for s in box]
+    assert all(n % 8 == 0 for n in sizes)
+    assert box[0].start <= 6 and box[0].stop >= 24 and box[2].stop <= 40
+    assert data[box].sum() == data.sum()
+    assert inference.content_box(np.zeros((16, 16, 16)), 8) == (slice(0, 16),) * 3

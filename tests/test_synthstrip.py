@@ -7,6 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from helpers import seeded
 from synthkit import models, nets
 from synthkit.models.synthstrip import inference as strip_inference
 from synthkit.models.synthstrip import task as strip_task
@@ -18,7 +19,7 @@ def strip_models(tmp_path_factory):
     folder = tmp_path_factory.mktemp('models')
     cfg = nets.UNetConfig(out_channels=1, final_activation='linear', features=4, levels=2,
                           convs_per_level=1)
-    nets.unet(cfg).save_weights(str(folder / 'synthstrip.weights.h5'))
+    seeded(nets.unet(cfg), 4).save_weights(str(folder / 'synthstrip.weights.h5'))
     card = {'architecture': {'type': 'unet', **cfg.to_dict()}, 'input': {'voxsize_mm': 2.0},
             'target': {'csf': True, 'band_mm': 8.0}, 'training': {'steps': 0}}
     (folder / 'synthstrip.json').write_text(json.dumps(card))

@@ -115,6 +115,10 @@ def resample(array, src_affine, dst_shape, dst_affine, interp='linear', fill=0):
         order, dtype = 0, array.dtype
         if dtype == np.bool_:
             array = array.view(np.uint8)
+    lattice = _voxel_lattice_map(vox, array.shape[:3])
+    if lattice is not None:            # whole voxels onto whole voxels: exact, no interpolation
+        out = _take_lattice(array, lattice, dst_shape, fill)
+        return out.view(np.bool_) if dtype == np.bool_ else out
     channels = [array] if array.ndim == 3 else [array[..., c] for c in range(array.shape[3])]
     out = np.empty(dst_shape + ((len(channels),) if array.ndim == 4 else ()), dtype=array.dtype)
     for c, chan in enumerate(channels):
@@ -125,6 +129,40 @@ def resample(array, src_affine, dst_shape, dst_affine, interp='linear', fill=0):
                                  output_shape=dst_shape, output=dst, order=order,
                                  mode='constant', cval=fill, prefilter=False)
     return out.view(np.bool_) if dtype == np.bool_ else out
+
+
+def _voxel_lattice_map(vox, src_shape, tol=1e-6):
+    """``[(source axis, sign, offset)]`` per destination axis when the voxel map ``vox`` (4x4,
+    destination -> source voxels) sends voxel centres onto voxel centres (a signed axis
+    permutation with whole-voxel offsets), else None."""
+    lin, off = vox[:3, :3], vox[:3, 3]
+    rounded = np.rint(lin)
+    if np.abs(lin - rounded).max() > tol or np.abs(off - np.rint(off)).max() > tol:
+        return None
+    if not (np.abs(rounded).sum(0) == 1).all() or not (np.abs(rounded).sum(1) == 1).all():
+        return None
+    out = []
+    for a in range(3):
+        s = int(np.flatnonzero(rounded[:, a])[0])         # source axis of destination axis a
+        out.append((s, int(rounded[s, a]), int(np.rint(off[s]))))
+    return out
+
+
+def _take_lattice(array, lattice, dst_shape, fill):
+    """``array`` read through a :func:`_voxel_lattice_map` onto ``dst_shape`` (fill outside)."""
+    src = np.transpose(array, [s for s, _, _ in lattice] + list(range(3, array.ndim)))
+    out = np.full(tuple(dst_shape) + array.shape[3:], fill, dtype=array.dtype)
+    dst_sl, src_idx = [], []
+    for a, (s, sign, offset) in enumerate(lattice):
+        idx = sign * np.arange(dst_shape[a]) + offset
+        valid = np.flatnonzero((idx >= 0) & (idx < array.shape[s]))
+        if valid.size == 0:
+            return out
+        dst_sl.append(slice(valid[0], valid[-1] + 1))
+        src_idx.append(idx[valid[0]:valid[-1] + 1])
+    part = src[np.ix_(*src_idx)] if src.ndim == 3 else src[np.ix_(*src_idx) + (slice(None),)]
+    out[tuple(dst_sl)] = part
+    return out
 
 
 def rescale_intensities(data, percentiles=(0.5, 99.5), path=None):

@@ -37,27 +37,15 @@ def predict_tiled(model, x, tile=144, overlap=16, divisor=8, flip=None, dtype=np
     if any(n % divisor for n in shape) or tile % divisor:
         raise ValueError('shape %s and tile %s must be multiples of %d' % (shape, tile, divisor))
     tile, grids = zip(*[_axis_tiles(n, tile, overlap, divisor) for n in shape])
-    out, weight = None, np.zeros(shape, np.float32)
+    if all(len(g) == 1 for g in grids):       # one tile: no weights, no accumulation
+        return _predict_one(model, x, flip, empty).astype(dtype, copy=False)
+    out = np.zeros(shape + (model.output_shape[-1],), dtype)
+    weight = np.zeros(shape, np.float32)
     margin = overlap // 2
     boxes = [(a, b, c) for a in grids[0] for b in grids[1] for c in grids[2]]
     for start in (progress(boxes) if progress else boxes):
         sl = tuple(slice(s, s + t) for s, t in zip(start, tile))
-        patch = x[sl][None, ..., None]
-        if out is None:
-            n_out = model.output_shape[-1]
-            out = np.zeros(shape + (n_out,), dtype)
-        if not patch.any():
-            pred = np.zeros(tuple(tile) + (n_out,), np.float32)
-            if np.ndim(empty):
-                pred[:] = np.asarray(empty, np.float32)
-            else:
-                pred[..., empty] = 1
-        else:
-            pred = np.asarray(model.predict_on_batch(patch))[0]
-        if flip is not None and patch.any():
-            axis, perm = flip
-            mirrored = np.asarray(model.predict_on_batch(np.flip(patch, axis + 1).copy()))[0]
-            pred = 0.5 * (pred + np.flip(mirrored, axis)[..., perm])
+        pred = _predict_one(model, x[sl], flip, empty)
         w = np.ones(tile, np.float32)
         for ax, (s, t, n) in enumerate(zip(start, tile, shape)):
             keep = np.ones(t, np.float32)
@@ -70,6 +58,29 @@ def predict_tiled(model, x, tile=144, overlap=16, divisor=8, flip=None, dtype=np
         weight[sl] += w
     out /= weight[..., None].astype(dtype)
     return out
+
+
+def _predict_one(model, x, flip=None, empty=0):
+    """``model`` on one (X, Y, Z) array -> (X, Y, Z, C) float32, flip-averaged if ``flip``; an
+    all-zero input is not run (``empty`` as in :func:`predict_tiled`)."""
+    n_out = model.output_shape[-1]
+    if not x.any():
+        pred = np.zeros(x.shape + (n_out,), np.float32)
+        if np.ndim(empty):
+            pred[:] = np.asarray(empty, np.float32)
+        else:
+            pred[..., empty] = 1
+        return pred
+    patch = np.ascontiguousarray(x, np.float32)[None, ..., None]
+    pred = np.array(model.predict_on_batch(patch), np.float32)[0]      # writable
+    if flip is not None:
+        axis, perm = flip
+        mirrored = np.asarray(model.predict_on_batch(np.flip(patch, axis + 1).copy()),
+                              np.float32)[0]
+        mirrored = np.flip(mirrored, axis)[..., perm]
+        pred += mirrored
+        pred *= 0.5
+    return pred
 
 
 def brain_box(post, bg_channel=0, threshold=0.5, margin=4):
@@ -106,6 +117,71 @@ def resample_box(post, box, src_affine, dst_shape, dst_affine):
     total[outside] = 1
     out /= total
     return out, tuple(slice(a, b) for a, b in zip(lo, hi))
+
+
+def _axis_weights(n_dst, n_src, scale, offset):
+    """(i0, i1, w0, w1): destination voxel j of an axis lies at source voxel p = scale * j +
+    offset, between i0 = floor(p) and i1 = i0 + 1 with linear weights w0, w1; positions beyond
+    the source's first and last voxel centres get zero weights (``ndimage``'s 'constant' mode)."""
+    p = scale * np.arange(n_dst) + offset
+    i0 = np.floor(p).astype(int)
+    f = (p - i0).astype(np.float32)
+    w0, w1 = 1 - f, f
+    outside = (p < -1e-6) | (p > n_src - 1 + 1e-6)
+    w0[outside] = 0
+    w1[outside] = 0
+    return np.clip(i0, 0, n_src - 1), np.clip(i0 + 1, 0, n_src - 1), w0, w1
+
+
+def _interp_axis(x, axis, idx0, idx1, w0, w1):
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    return (np.take(x, idx0, axis=axis) * w0.reshape(shape)
+            + np.take(x, idx1, axis=axis) * w1.reshape(shape))
+
+
+def upsample_slabs(post, box, src_affine, dst_shape, dst_affine, slab=16, bg_channel=0):
+    """Posteriors (x, y, z, C) in ``box`` of a coarse axis-aligned grid (``src_affine``), on the
+    part of a finer grid ``(dst_shape, dst_affine)`` that the box covers, slab by slab along the
+    first axis: yields ``(destination slices, posteriors)`` with at most ``slab`` planes each, so
+    memory stays bounded whatever the output size. Trilinear (separable: both grids must have
+    the same axes, as :func:`synthkit.geometry.conform_grid` makes them), zero beyond the box,
+    renormalized to sum to one (background where nothing reaches)."""
+    post = np.asarray(post, np.float32)
+    start = np.array([s.start for s in box], float)
+    src_box = src_affine.copy()
+    src_box[:3, 3] = src_affine[:3, :3] @ start + src_affine[:3, 3]
+    vox = np.linalg.inv(src_box) @ dst_affine            # destination voxel -> box voxel
+    lin = vox[:3, :3]
+    if not np.allclose(lin, np.diag(np.diag(lin)), atol=1e-6):
+        raise ValueError('upsample_slabs needs grids with the same axes')
+    scale, offset = np.diag(lin), vox[:3, 3]
+    # the destination voxels whose position lies within one source voxel of the box
+    lo = np.zeros(3, int)
+    hi = np.array(dst_shape[:3], int)
+    for a in range(3):
+        pos = scale[a] * np.arange(dst_shape[a]) + offset[a]
+        inside = np.flatnonzero((pos > -1) & (pos < post.shape[a]))
+        if inside.size == 0:
+            return
+        lo[a], hi[a] = inside[0], inside[-1] + 1
+    weights = [_axis_weights(hi[a] - lo[a], post.shape[a], scale[a], offset[a] + scale[a] * lo[a])
+               for a in range(3)]
+    idx0, idx1, w0, w1 = weights[0]
+    for s in range(0, hi[0] - lo[0], slab):
+        sl = slice(s, min(s + slab, hi[0] - lo[0]))
+        first, last = idx0[sl].min(), idx1[sl].max() + 1     # the coarse planes this slab needs
+        inner = _interp_axis(post[first:last], 1, *weights[1])
+        inner = _interp_axis(inner, 2, *weights[2])
+        out = (inner[idx0[sl] - first] * w0[sl, None, None, None]
+               + inner[idx1[sl] - first] * w1[sl, None, None, None])
+        total = out.sum(-1, keepdims=True)
+        outside = total[..., 0] <= 0
+        out[outside, bg_channel] = 1
+        total[outside] = 1
+        out /= total
+        yield (slice(lo[0] + sl.start, lo[0] + sl.stop), slice(lo[1], hi[1]),
+               slice(lo[2], hi[2])), out
 
 
 def largest_component(mask):

@@ -84,8 +84,9 @@ def segment_one(seg, args, inp, out, post_path, res_path):
     crop = None
     if args.crop:
         crop = args.crop * 3 if len(args.crop) == 1 else args.crop
-    result = seg.segment(data, vol.affine, fast=args.fast, crop=crop)
-    grid, hard, post = result.grid, result.hard, result.post
+    result = seg.segment(data, vol.affine, fast=args.fast, crop=crop,
+                         keep_posteriors=bool(post_path))
+    grid, hard = result.grid, result.hard
     lut = lab.surfa_lookup(seg.labels)
     if args.keepgeom:
         io.save_volume(geometry.to_input_grid(hard, grid, 'nearest'), vol.affine, out, like=vol,
@@ -93,7 +94,7 @@ def segment_one(seg, args, inp, out, post_path, res_path):
     else:
         io.save_volume(hard, grid.affine, out, lut=lut, dtype=np.int32)
     if post_path:
-        full = seg.full(post, result.box, grid.data.shape)
+        full = result.posteriors
         data_out = geometry.to_input_grid(full, grid, 'linear') if args.keepgeom else full
         affine = vol.affine if args.keepgeom else grid.affine
         io.save_volume(data_out.astype(np.float32), affine, post_path)
@@ -104,7 +105,7 @@ def segment_one(seg, args, inp, out, post_path, res_path):
         from ... import qc
         png = os.path.join(os.path.dirname(os.path.abspath(out)), io.stem(out) + '.png')
         qc.save_png(qc.montage(grid.data, hard), png)
-    return inference.volumes(post, seg.labels, 1.0), inference.qc_scores(post, seg.labels)
+    return result.volumes, result.qc
 
 
 def write_volumes_csv(path, rows, out_labels):

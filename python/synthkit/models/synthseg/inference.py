@@ -11,11 +11,63 @@ from ...predict import largest_component
 
 
 class Segmentation:
-    """One scan's result: ``hard`` labels on the 1 mm output grid ``grid`` (a Conformed whose
-    data is the rescaled scan), posteriors ``post`` inside ``box`` of that grid."""
+    """One scan's result on the 1 mm output grid ``grid`` (a Conformed whose data is the rescaled
+    scan): ``hard`` labels, soft ``volumes`` (mm^3 per label), ``qc`` scores per QC group, and
+    the full posteriors (X, Y, Z, C) when they were asked for (else None)."""
 
-    def __init__(self, hard, post, box, grid):
-        self.hard, self.post, self.box, self.grid = hard, post, box, grid
+    def __init__(self, hard, grid, volumes, qc, posteriors=None):
+        self.hard, self.grid, self.volumes, self.qc = hard, grid, volumes, qc
+        self.posteriors = posteriors
+
+
+class Summary:
+    """Soft volumes and QC scores accumulated over parts of the output (slabs)."""
+
+    def __init__(self, labels):
+        self.labels = list(labels)
+        self.volume = np.zeros(len(self.labels), np.float64)
+        groups = lab.QC_GROUPS
+        self.members = [np.isin(self.labels, m) for _, m in groups]
+        self.conf_sum = np.zeros(len(groups), np.float64)
+        self.count = np.zeros(len(groups), np.int64)
+
+    def add(self, post):
+        """The posteriors (..., C) of one part of the output."""
+        flat = post.reshape(-1, post.shape[-1])
+        self.volume += flat.sum(0, dtype=np.float64)
+        conf = flat.max(-1)
+        winner = np.argmax(flat, axis=-1)
+        for g, members in enumerate(self.members):
+            mask = members[winner]
+            self.count[g] += int(mask.sum())
+            self.conf_sum[g] += float(conf[mask].sum(dtype=np.float64))
+
+    def volumes(self, voxel_volume=1.0):
+        """{label: soft volume (mm^3)}."""
+        return {int(label): float(v) * voxel_volume for label, v in zip(self.labels, self.volume)}
+
+    def qc(self):
+        """Per QC group: mean posterior of the winning label over the voxels assigned to the
+        group (0 for an absent group); see :func:`qc_scores`."""
+        return {name: (self.conf_sum[g] / self.count[g] if self.count[g] else 0.0)
+                for g, (name, _) in enumerate(lab.QC_GROUPS)}
+
+
+def content_box(data, divisor=8, margin=8):
+    """Slices of the bounding box of the non-zero voxels of ``data``, grown by ``margin`` and to
+    sizes that are multiples of ``divisor`` (staying inside the array, whose sizes must be
+    multiples of ``divisor``); the whole array when it is all zero."""
+    out = []
+    for axis, n in enumerate(data.shape):
+        other = tuple(a for a in range(data.ndim) if a != axis)
+        nz = np.flatnonzero(np.any(data != 0, axis=other))
+        if nz.size == 0:
+            return tuple(slice(0, m) for m in data.shape)
+        lo, hi = max(nz[0] - margin, 0), min(nz[-1] + 1 + margin, n)
+        size = min(-(-(hi - lo) // divisor) * divisor, n)
+        lo = min(lo, n - size)
+        out.append(slice(int(lo), int(lo + size)))
+    return tuple(out)
 
 
 class Segmenter:
@@ -30,39 +82,59 @@ class Segmenter:
 
     def posteriors(self, conformed, fast=False):
         """Raw posteriors (x, y, z, 33) float32 inside the brain's bounding box, and the box,
-        on the network grid ``conformed``."""
-        flip = None if fast else (0, lab.lr_swap_table(self.labels))   # LIA: axis 0 is L-R
-        post = predict.predict_tiled(self.model, conformed.data, tile=144, overlap=16,
-                                     divisor=self.cfg.divisor, flip=flip, dtype=np.float16,
-                                     empty=self.labels.index(0))
-        box = predict.brain_box(post, self.labels.index(0))
-        return post[box].astype(np.float32), box
+        on the network grid ``conformed``.
 
-    def segment(self, data, affine, fast=False, crop=None):
-        """Segment a 3-D array with its affine; ``crop`` (mm, 3 ints) analyses a centred box."""
-        grid = geometry.conform((data, affine), voxsize=1.0, crop=crop, multiple=16)
+        The network sees the part of the grid that holds the image (its non-zero bounding box
+        and a margin): padding around a scan then changes neither the result (batch norm uses
+        each image's own statistics) nor the time."""
+        flip = None if fast else (0, lab.lr_swap_table(self.labels))   # LIA: axis 0 is L-R
+        bg = self.labels.index(0)
+        crop = content_box(conformed.data, self.cfg.divisor, margin=4)
+        x = conformed.data[crop]
+        big = x.size * len(self.labels) > 1e8        # float16 keeps very large grids in memory
+        post = predict.predict_tiled(self.model, x, tile=144, overlap=16,
+                                     divisor=self.cfg.divisor, flip=flip,
+                                     dtype=np.float16 if big else np.float32, empty=bg)
+        box = predict.brain_box(post, bg)
+        full_box = tuple(slice(c.start + b.start, c.start + b.stop) for c, b in zip(crop, box))
+        return post[box].astype(np.float32, copy=False), full_box
+
+    def segment(self, data, affine, fast=False, crop=None, keep_posteriors=False):
+        """Segment a 3-D array with its affine; ``crop`` (mm, 3 ints) analyses a centred box;
+        ``keep_posteriors``: also return the full 1 mm posteriors (the only large array).
+
+        Post-processing runs on the network grid; a coarser network grid's posteriors then come
+        to the 1 mm output grid slab by slab (trilinear), each slab giving its hard labels,
+        volumes and QC statistics, so memory is bounded by the network grid, not the output."""
+        scaled = (geometry.rescale_intensities(data), affine)     # once for both grids
+        grid = geometry.conform(scaled, voxsize=1.0, crop=crop, multiple=16, rescale=False)
         if self.voxsize == 1.0:
             net = grid
         else:
             net_crop = None if crop is None else [int(round(c / self.voxsize)) for c in crop]
-            net = geometry.conform((data, affine), voxsize=self.voxsize, crop=net_crop,
-                                   multiple=self.cfg.divisor * 2)
+            net = geometry.conform(scaled, voxsize=self.voxsize, crop=net_crop,
+                                   multiple=self.cfg.divisor * 2, rescale=False)
         post, box = self.posteriors(net, fast)
-        if net is not grid:   # network space is coarser: posteriors go to 1 mm, linearly
-            post, box = predict.resample_box(post, box, net.affine, grid.data.shape,
-                                             grid.affine)
-        if not fast:
-            post = postprocess(post, self.labels)
+        if not fast:      # smoothing of half a 1 mm voxel, in network voxels
+            post = postprocess(post, self.labels, smooth_sigma=0.5 / self.voxsize)
+        bg = self.labels.index(0)
         hard = np.zeros(grid.data.shape, np.int32)
-        hard[box] = hard_segmentation(post, self.labels)
-        return Segmentation(hard, post, box, grid)
-
-    def full(self, post, box, shape):
-        """Paste box posteriors into a full-size array (background 1 outside the box)."""
-        full = np.zeros(tuple(shape) + (post.shape[-1],), np.float32)
-        full[..., self.labels.index(0)] = 1
-        full[box] = post
-        return full
+        full = None
+        if keep_posteriors:
+            full = np.zeros(grid.data.shape + (len(self.labels),), np.float32)
+            full[..., bg] = 1
+        summary = Summary(self.labels)
+        if net is grid:
+            parts = [(box, post)]
+        else:
+            parts = predict.upsample_slabs(post, box, net.affine, grid.data.shape, grid.affine,
+                                           bg_channel=bg)
+        for sl, part in parts:
+            hard[sl] = hard_segmentation(part, self.labels)
+            summary.add(part)
+            if full is not None:
+                full[sl] = part
+        return Segmentation(hard, grid, summary.volumes(), summary.qc(), full)
 
 
 def postprocess(post, out_labels, smooth_sigma=0.5, threshold=0.25):
@@ -112,8 +184,9 @@ def hard_segmentation(post, out_labels):
 
 def volumes(post, out_labels, voxel_volume=1.0):
     """Soft volumes (mm^3) per label from posteriors: {label: volume}."""
-    sums = post.reshape(-1, post.shape[-1]).sum(0, dtype=np.float64) * voxel_volume
-    return {int(label): float(v) for label, v in zip(out_labels, sums)}
+    summary = Summary(out_labels)
+    summary.add(np.asarray(post))
+    return summary.volumes(voxel_volume)
 
 
 def qc_scores(post, out_labels):
@@ -123,10 +196,6 @@ def qc_scores(post, out_labels):
     where the prediction is uncertain (poor contrast, artefacts, a failed segmentation). An
     absent group scores 0.
     """
-    seg = hard_segmentation(post, out_labels)
-    conf = post.max(-1)
-    scores = {}
-    for name, members in lab.QC_GROUPS:
-        mask = np.isin(seg, members)
-        scores[name] = float(conf[mask].mean()) if mask.any() else 0.0
-    return scores
+    summary = Summary(out_labels)
+    summary.add(np.asarray(post))
+    return summary.qc()
