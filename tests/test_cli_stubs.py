@@ -100,7 +100,7 @@ def test_missing_input_is_one_line(tool, scans, capsys):
     missing = os.path.join(out, 'nope.nii.gz')
     assert call(main, argv(missing, b, out)) == 1
     err = capsys.readouterr().err
-    assert err == 'mri_%s: error: %s: no such file\n' % (tool, missing)
+    assert err == 'mri_%s: error: %s: file not found\n' % (tool, missing)
     assert os.listdir(out) == []
 
 

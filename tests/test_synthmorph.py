@@ -110,9 +110,10 @@ def models(tmp_path_factory):
     k, b = d.get_layer('velocity').get_weights()
     d.get_layer('velocity').set_weights([k * 2e4, b])
     card = {'input': {'voxsize_mm': 3.0}}
-    wa = _save(a, {**card, 'architecture': {'type': 'affine_features', **arch_a}}, folder,
+    wa = _save(a, {**card, 'task': 'synthmorph_affine',
+                   'architecture': {'type': 'affine_features', **arch_a}}, folder,
                'synthmorph_affine')
-    wd = _save(d, {'input': {'voxsize_mm': 2.0},
+    wd = _save(d, {'input': {'voxsize_mm': 2.0}, 'task': 'synthmorph_deform',
                    'architecture': {'type': 'deform_velocity', **arch_d}}, folder,
                'synthmorph_deform')
     return wa, wd

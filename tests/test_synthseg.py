@@ -25,7 +25,8 @@ def tiny_model_dir(tmp_path_factory):
     cfg = nets.UNetConfig(features=4, levels=2, convs_per_level=1)
     model = seeded(nets.unet(cfg), 3)
     model.save_weights(str(folder / 'synthseg.weights.h5'))
-    card = {'architecture': {'type': 'unet', **cfg.to_dict()}, 'output_labels': list(LABELS),
+    card = {'task': 'synthseg', 'architecture': {'type': 'unet', **cfg.to_dict()},
+            'output_labels': list(LABELS),
             'input': {'voxsize_mm': 1.0}, 'training': {'steps': 0}}
     (folder / 'synthseg.json').write_text(json.dumps(card))
     return folder

@@ -20,7 +20,8 @@ def strip_models(tmp_path_factory):
     cfg = nets.UNetConfig(out_channels=1, final_activation='linear', features=4, levels=2,
                           convs_per_level=1)
     seeded(nets.unet(cfg), 4).save_weights(str(folder / 'synthstrip.weights.h5'))
-    card = {'architecture': {'type': 'unet', **cfg.to_dict()}, 'input': {'voxsize_mm': 2.0},
+    card = {'task': 'synthstrip', 'architecture': {'type': 'unet', **cfg.to_dict()},
+            'input': {'voxsize_mm': 2.0},
             'target': {'csf': True, 'band_mm': 8.0}, 'training': {'steps': 0}}
     (folder / 'synthstrip.json').write_text(json.dumps(card))
     return folder

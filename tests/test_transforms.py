@@ -366,7 +366,7 @@ def test_cli_missing_or_bad_transform_is_one_line(case, capsys):
     out = os.path.join(tmp, 'o.nii')
     missing = os.path.join(tmp, 'nope.lta')
     assert _run(['apply', missing, lab, out]) == 1
-    assert capsys.readouterr().err == 'mri_synthmorph: error: %s: no such file\n' % missing
+    assert capsys.readouterr().err == 'mri_synthmorph: error: %s: file not found\n' % missing
     junk = os.path.join(tmp, 'junk.lta')
     with open(junk, 'w') as f:
         f.write('not a transform\n')
@@ -403,5 +403,5 @@ def test_cli_never_writes_over_an_input(case, capsys):
     tmp, lab, img, lta, _ = case
     before = open(img, 'rb').read()
     assert _run(['apply', lta, lab, img, img, os.path.join(tmp, 'o.nii')]) == 1
-    assert 'output would overwrite an input' in capsys.readouterr().err
+    assert 'is also an input' in capsys.readouterr().err
     assert open(img, 'rb').read() == before and not os.path.exists(os.path.join(tmp, 'o.nii'))

@@ -10,8 +10,10 @@ table format (what freeview and surfa read).
 
 import gzip
 import os
+import re
 import secrets
 import struct
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -110,14 +112,18 @@ def load_volume(path, allow_empty=False):
     if not split_ext(path)[1]:
         raise VolumeError(path, 'unsupported file type (expected %s)' % ', '.join(SUPPORTED))
     try:
-        img = nib.load(path, mmap=False)
+        with _quiet_nibabel():
+            img = nib.load(path, mmap=False)
     except Exception as e:  # nibabel raises many types for junk files
         raise VolumeError(path, 'not a readable image (%s)' % _oneline(e)) from None
     try:
         data = np.asanyarray(img.dataobj)
     except Exception as e:  # EOFError, zlib.error, OSError, ValueError for truncated files
         raise VolumeError(path, 'truncated or corrupt image data (%s)' % _oneline(e)) from None
-    if data.dtype.kind not in 'biufc':
+    if data.dtype.kind == 'c':
+        raise VolumeError(path, 'complex-valued image (%s); expected real intensities or labels '
+                          '(save the magnitude)' % data.dtype)
+    if data.dtype.kind not in 'biuf':
         raise VolumeError(path, 'unsupported voxel type %s, expected numbers' % data.dtype)
     if not data.dtype.isnative:  # MGH is big-endian: same type, native byte order
         data = data.astype(data.dtype.newbyteorder('='))
@@ -128,22 +134,55 @@ def load_volume(path, allow_empty=False):
         raise VolumeError(path, 'image is %d-D %s, expected a 3-D volume' % (data.ndim, data.shape))
     if data.ndim > 4:
         raise VolumeError(path, 'image is %d-D %s, expected 3-D or 4-D' % (data.ndim, data.shape))
-    if data.dtype.kind in 'fc':
+    if data.dtype.kind == 'f':
         if np.isnan(data).any():
             raise VolumeError(path, 'image contains NaN values')
         if np.isinf(data).any():
             raise VolumeError(path, 'image contains Inf values')
+        if data.dtype.itemsize > 4 and data.size and \
+                np.abs(data).max() > np.finfo(np.float32).max:
+            raise VolumeError(path, 'values up to %g exceed the float32 range the tools compute '
+                              'in' % np.abs(data).max())
     if not allow_empty and not data.any():
         raise VolumeError(path, 'image is empty (all zeros)')
 
     affine = np.asarray(img.affine, dtype=np.float64)
-    check_affine(affine, path)
     header = img.header
     if isinstance(header, nib.Nifti1Header) and not (header['qform_code'] or header['sform_code']):
+        pixdim = _raw_pixdim(path, header)
+        if not (np.isfinite(pixdim).all() and (pixdim != 0).all()):
+            raise VolumeError(path, 'header has no qform or sform and voxel sizes %s: the '
+                              'geometry is undefined' % ' x '.join('%g' % v for v in pixdim))
         warnings.warn('%s: NIfTI header has neither qform nor sform; using nibabel\'s default '
                       'affine (voxel sizes only, orientation unknown)' % path, stacklevel=2)
+    check_affine(affine, path)
     _INPUTS.add(os.path.realpath(path))
     return Volume(data, affine, path, header)
+
+
+def _raw_pixdim(path, header):
+    """Voxel sizes as stored in a NIfTI header (nibabel silently turns zeros into ones)."""
+    from nibabel.openers import ImageOpener
+    try:
+        with ImageOpener(path) as f:
+            raw = type(header).from_fileobj(f, check=False)
+        return np.asarray(raw['pixdim'][1:4], np.float64)
+    except Exception:       # unreadable raw header: keep what nibabel made of it
+        return np.asarray(header['pixdim'][1:4], np.float64)
+
+
+class _quiet_nibabel:
+    """nibabel's own notices while reading a header (e.g. 'pixdim[0] (qfac) should be 1') are
+    kept from stderr: what matters of them is checked and reported here, one line per file."""
+
+    def __enter__(self):
+        import logging
+        self.logger = logging.getLogger('nibabel.global')
+        self.level = self.logger.level
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
 
 
 def _oneline(e):
@@ -192,11 +231,15 @@ def check_writable(path, exts=SUPPORTED):
 
 
 def _reserve_temp(path):
-    """Create an empty, exclusive temp file next to ``path`` with the same extension."""
+    """Create an empty, exclusive temp file next to ``path`` with the same extension, named
+    ``.NAME.tmpPID-RANDOM.EXT``; first removes the temps of ``path`` left by a run that was
+    killed (its process is gone), so that no stale hidden file outlives the next run."""
     parent, base = os.path.split(os.path.abspath(path))
     ext = split_ext(base)[1] or os.path.splitext(base)[1]
+    _remove_stale_temps(parent, base)
     for _ in range(100):
-        tmp = os.path.join(parent, '.%s.tmp%s%s' % (base, secrets.token_hex(4), ext))
+        tmp = os.path.join(parent, '.%s.tmp%d-%s%s' % (base, os.getpid(), secrets.token_hex(4),
+                                                       ext))
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies
         except FileExistsError:
@@ -204,6 +247,58 @@ def _reserve_temp(path):
         os.close(fd)
         return tmp
     raise FileExistsError('could not create a temp file in %s' % parent)
+
+
+def _remove_stale_temps(parent, base):
+    prefix = '.%s.tmp' % base
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith(prefix)]
+    except OSError:
+        return
+    for name in names:
+        m = re.match(r'(\d+)-[0-9a-f]+', name[len(prefix):])
+        if m:
+            try:
+                os.kill(int(m.group(1)), 0)
+                continue                  # its writer is still running
+            except ProcessLookupError:
+                pass
+            except OSError:               # someone else's live process
+                continue
+        else:                             # an older naming scheme: stale after an hour
+            try:
+                if time.time() - os.path.getmtime(os.path.join(parent, name)) < 3600:
+                    continue
+            except OSError:
+                continue
+        try:
+            os.remove(os.path.join(parent, name))
+        except OSError:
+            pass
+
+
+def save_text(text, path):
+    """Write ``text`` to ``path`` atomically (temp file beside it, renamed into place)."""
+    tmp = _reserve_temp(path)
+    try:
+        with open(tmp, 'w', newline='') as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_csv(path, header, rows):
+    """Write a CSV table (a header row, then ``rows``) atomically."""
+    import csv
+    import io as _io
+    buf = _io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    save_text(buf.getvalue(), path)
 
 
 def save_volume(data, affine, path, like=None, lut=None, dtype=None):
@@ -392,11 +487,21 @@ def _is_dir_like(path):
     return os.path.isdir(path) or path.endswith(('/', os.sep))
 
 
-def list_images(folder):
-    """Supported images in ``folder`` (not hidden files), sorted by name."""
+def list_images(folder, derived=()):
+    """Supported images in ``folder`` (not hidden files), sorted by name.
+
+    ``derived``: regular expressions of the suffixes a tool adds to an input's stem (e.g.
+    ``'_synthseg'``): an image whose stem is another image's stem plus such a suffix is an
+    earlier output of that tool and is left out, so that running a folder into itself does not
+    process its own results."""
     names = sorted(n for n in os.listdir(folder)
                    if not n.startswith('.') and split_ext(n)[1]
                    and os.path.isfile(os.path.join(folder, n)))
+    if derived:
+        stems = {split_ext(n)[0] for n in names}
+        pattern = re.compile('(.+?)(?:%s)$' % '|'.join(derived))
+        names = [n for n in names if not any(
+            m.group(1) in stems for m in [pattern.match(split_ext(n)[0])] if m)]
     return [os.path.join(folder, n) for n in names]
 
 
@@ -405,7 +510,7 @@ def _read_list(path):
         return [line.strip() for line in f if line.strip()]
 
 
-def batch_pairs(inp, out, out_suffix='_synthseg', ext=None):
+def batch_pairs(inp, out, out_suffix='_synthseg', ext=None, derived=None):
     """``[(input, output)]`` for a file, a folder or a ``.txt`` list, paired as by mri_synthseg.
 
     - ``inp`` a file: ``out`` is a file path; if ``out`` is an existing folder or ends with
@@ -415,7 +520,8 @@ def batch_pairs(inp, out, out_suffix='_synthseg', ext=None):
     - ``inp`` a ``.txt``: one input per non-empty line; ``out`` must be a ``.txt`` with as many.
 
     ``ext`` defaults to each input's own extension. ``out=None`` gives ``(input, None)`` pairs,
-    for optional outputs. Raises ``ValueError`` naming the offending path.
+    for optional outputs. ``derived`` (default: ``out_suffix``): see :func:`list_images`.
+    Raises ``ValueError`` naming the offending path.
     """
     inp = os.fspath(inp)
     out = None if out is None else os.fspath(out)
@@ -439,7 +545,7 @@ def batch_pairs(inp, out, out_suffix='_synthseg', ext=None):
         return list(zip(inputs, outputs))
 
     if os.path.isdir(inp):
-        inputs = list_images(inp)
+        inputs = list_images(inp, [re.escape(out_suffix)] if derived is None else derived)
         if not inputs:
             raise ValueError('%s: no images (%s) in folder' % (inp, ', '.join(SUPPORTED)))
         if out is None:
@@ -468,7 +574,8 @@ def _named_output(folder, inp, suffix, ext):
     return os.path.join(folder, stem(inp) + suffix + ext)
 
 
-def batch_optional(inp, opt, suffix, ext=None):
+def batch_optional(inp, opt, suffix, ext=None, derived=None):
     """Paths of an optional per-image output (e.g. ``--post``), aligned with
-    :func:`batch_pairs` ``(inp, ...)``: a list of ``None`` when ``opt`` is None."""
-    return [o for _, o in batch_pairs(inp, opt, suffix, ext)]
+    :func:`batch_pairs` ``(inp, ...)`` (give both the same ``derived``): a list of ``None``
+    when ``opt`` is None."""
+    return [o for _, o in batch_pairs(inp, opt, suffix, ext, derived)]

@@ -102,7 +102,7 @@ class ImageStatistics:
         self._call = backend.predictor(model, training=True)
 
     def predict_on_batch(self, x):
-        return np.asarray(self._call(x))
+        return np.asarray(self._call(np.asarray(x, np.float32)))
 
 
 def load_unet(weights, card):
@@ -112,7 +112,11 @@ def load_unet(weights, card):
     input's own statistics (see :class:`ImageStatistics`)."""
     cfg = UNetConfig.from_dict({k: v for k, v in card['architecture'].items() if k != 'type'})
     model = unet(cfg)
-    model.load_weights(weights)
+    try:
+        model.load_weights(weights)
+    except Exception as e:     # h5py, Keras and numpy raise many kinds for a bad file
+        text = ' '.join(str(e).split())[:200] or type(e).__name__
+        raise ValueError('%s: cannot load these weights (%s)' % (weights, text)) from None
     if card.get('input', {}).get('norm_statistics') == 'image':
         model = ImageStatistics(model)
     return model, cfg

@@ -20,18 +20,76 @@ class ModelUnavailable(ToolError):
     """The tool's trained weights are not shipped (yet)."""
 
 
+EXPECTED = (ToolError, VolumeError, ValueError, OSError, MemoryError)
+
+
+def message(e, label=None):
+    """One line for an expected error: its first line, the file named (``label`` where the
+    error only says ``<array>``), "out of memory" for a MemoryError."""
+    if isinstance(e, MemoryError):
+        text = 'out of memory (%s)' % (str(e).strip() or 'allocation failed')
+    else:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if label and text.startswith('<array>: '):
+        text = '%s: %s' % (label, text[len('<array>: '):])
+    return ' '.join(text.split())
+
+
 def run(prog, fn, *args, **kwargs):
-    """Call ``fn``; print ``prog: error: message`` and exit 1 on expected errors."""
+    """Call ``fn``; print ``prog: error: message`` and exit 1 on expected errors.
+
+    While it runs, Python warnings become one line ``prog: warning: message`` (no file, line
+    or source), and SIGTERM stops the tool like Ctrl-C: outputs being written are removed."""
+    import signal
+    import warnings
+
+    def one_line(msg, category, filename, lineno, file=None, line=None):
+        print('%s: warning: %s' % (prog, ' '.join(str(msg).split())), file=sys.stderr)
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    warnings.showwarning = one_line
+    try:
+        signal.signal(signal.SIGTERM, terminate)
+    except ValueError:                  # not the main thread (e.g. a test runner's worker)
+        pass
     try:
         status = fn(*args, **kwargs)
-    except (ToolError, VolumeError, ValueError, OSError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print('%s: error: %s' % (prog, msg), file=sys.stderr)
+    except EXPECTED as e:
+        print('%s: error: %s' % (prog, message(e)), file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print('%s: interrupted' % prog, file=sys.stderr)
         sys.exit(130)
     sys.exit(status or 0)
+
+
+def warn(prog, text):
+    """One warning line on stderr."""
+    print('%s: warning: %s' % (prog, ' '.join(str(text).split())), file=sys.stderr)
+
+
+def check_outputs(inputs, outputs):
+    """Before any work: raise :class:`ToolError` unless the outputs (``(flag, path)`` pairs,
+    ``None`` paths skipped) differ from every input and from each other, paths resolved through
+    symbolic links, so that no run ever writes over an input or one result over another."""
+    reads = {}
+    for path in inputs:
+        if path:
+            reads.setdefault(os.path.realpath(path), path)
+    seen = {}
+    for flag, path in outputs:
+        if not path:
+            continue
+        real = os.path.realpath(path)
+        if real in reads:
+            raise ToolError('%s: output (%s) is also an input (%s); refusing to overwrite it'
+                            % (path, flag, reads[real]))
+        if real in seen:
+            what = 'twice as ' + flag if seen[real] == flag else 'as %s and %s' % (seen[real], flag)
+            raise ToolError('%s: the same output is given %s' % (path, what))
+        seen[real] = flag
 
 
 def set_threads(n):
@@ -55,11 +113,11 @@ def hide_gpus():
     os.environ['CUDA_VISIBLE_DEVICES'] = '-1'
 
 
-def progress(iterable, desc, total=None, disable=None):
-    """A tqdm progress bar on stderr (hidden when stderr is not a terminal, unless forced)."""
+def progress(iterable, desc, total=None, disable=False):
+    """A tqdm progress bar on stderr, only on a terminal (a log file gets no bar lines);
+    ``disable`` hides it there too (e.g. a single input)."""
     from tqdm import tqdm
-    if disable is None:
-        disable = not sys.stderr.isatty()
+    disable = disable or not sys.stderr.isatty()
     return tqdm(iterable, desc=desc, total=total, disable=disable, file=sys.stderr,
                 unit='scan', leave=False)
 
@@ -76,8 +134,10 @@ class BatchReport:
             out = fn(*args, **kwargs)
             self.done += 1
             return out
-        except (ToolError, VolumeError, ValueError, OSError) as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        except EXPECTED as e:
+            msg = message(e, label)
+            if not msg.startswith(str(label) + ':'):
+                msg = '%s: %s' % (label, msg)
             print('%s: error: %s' % (self.prog, msg), file=sys.stderr)
             self.failed.append((label, msg))
             return None
@@ -88,8 +148,8 @@ class BatchReport:
             print('%s: %d of %d input(s) failed:' % (self.prog, len(self.failed),
                                                      len(self.failed) + self.done),
                   file=sys.stderr)
-            for label, msg in self.failed:
-                print('  %s: %s' % (label, msg), file=sys.stderr)
+            for _, msg in self.failed:
+                print('  %s' % msg, file=sys.stderr)
             return 1
         return 0
 
@@ -103,20 +163,47 @@ def models_dir():
     return os.path.normpath(os.path.join(here, '..', '..', '..', 'models'))
 
 
-def find_model(name, path=None):
+def find_model(name, path=None, tasks=None):
     """(weights path, model card dict) of model ``name`` or of an explicit ``path``.
 
     ``path`` may be a ``.weights.h5`` file with its ``.json`` card beside it. Raises
-    :class:`ModelUnavailable` when nothing is there.
+    :class:`ModelUnavailable` when nothing is there, and :class:`ToolError` when the card is not
+    readable or is another tool's model (its ``task`` must be one of ``tasks``, default
+    ``(name,)``: e.g. a SynthStrip card given to mri_synthseg).
     """
     weights = path or os.path.join(models_dir(), name + '.weights.h5')
     card_path = weights[:-len('.weights.h5')] + '.json' if weights.endswith('.weights.h5') \
         else None
+    if path and not os.path.isfile(path):
+        raise ToolError('%s: model weights not found' % path)
+    if path and not card_path:
+        raise ToolError('%s: model weights must be a .weights.h5 file with its model card '
+                        '(.json) beside it' % path)
     if not os.path.isfile(weights) or not card_path or not os.path.isfile(card_path):
         raise ModelUnavailable('model not yet available: %s (expected %s and its model card)'
                                % (name, weights))
-    with open(card_path) as f:
-        return weights, json.load(f)
+    try:
+        with open(card_path) as f:
+            card = json.load(f)
+        task = card.get('task') if isinstance(card, dict) else None
+        card['architecture']['type']
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ToolError('%s: not a readable model card (%s)' % (card_path, message(e))) from None
+    tasks = tuple(tasks or (name,))
+    if task not in tasks:
+        raise ToolError('%s is a %s model, not %s' % (weights, task, ' or '.join(tasks)) if task
+                        else '%s is not a %s model (its card %s names no task)'
+                        % (weights, ' or '.join(tasks), card_path))
+    return weights, card
+
+
+def load_weights(model, path):
+    """``model.load_weights(path)`` with a one-line error for a corrupt or mismatched file."""
+    try:
+        model.load_weights(path)
+    except Exception as e:      # h5py, Keras and numpy raise many kinds for a bad file
+        raise ToolError('%s: cannot load these weights (%s)' % (path, message(e)[:200])) \
+            from None
 
 
 def not_yet_available(prog, what):
@@ -132,10 +219,10 @@ checks its arguments and inputs, then exits with status 1 without writing anythi
 
 
 def require_inputs(*paths):
-    """Raise :class:`ToolError` (``<path>: no such file``) for the first path that is missing.
+    """Raise :class:`ToolError` (``<path>: file not found``) for the first path that is missing.
 
     ``None`` entries (optional inputs left out) are skipped; a folder counts as present.
     """
     for path in paths:
         if path is not None and not os.path.exists(path):
-            raise ToolError('%s: no such file' % path)
+            raise ToolError('%s: file not found' % path)

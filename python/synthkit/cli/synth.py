@@ -99,8 +99,10 @@ def synthesize(args):
         raise common.ToolError('--voxsize must be a positive number, got %g' % args.voxsize)
     if os.path.exists(args.o) and not os.path.isdir(args.o):
         raise common.ToolError('%s: --o must be a folder, not a file' % args.o)
-    inputs = [path for path, _ in io.batch_pairs(args.i, None)]
+    inputs = [path for path, _ in io.batch_pairs(args.i, None, derived=DERIVED)]
     io.check_writable(os.path.join(args.o, '.%s_check.nii.gz' % PROG))
+    common.check_outputs(inputs + [args.config], [
+        ('--o', path) for inp in inputs for path in output_paths(inp, args.o, args.n, args.png)])
 
     common.set_threads(args.threads)
     from .. import generator   # imports Keras and TensorFlow: after the thread settings
@@ -181,20 +183,33 @@ class Synthesizer:
         sampler = self.sampler(lr_axis, src.shape)
         reseed(sampler, self.seed, name)
         batch = src[None, ..., None]
-        width = max(3, len(str(n - 1)))
         for k in range(n):
             out = sampler(batch)
             image = np.asarray(out['image'])[0, ..., 0]
             synth_labels = np.asarray(out['labels'])[0, ..., 0].astype(np.int16)
-            base = os.path.join(outdir, '%s_%0*d' % (name, width, k))
-            io.save_volume(image, affine, base + '_image.nii.gz', dtype=np.float32)
-            io.save_volume(synth_labels, affine, base + '_labels.nii.gz', dtype=np.int16)
+            paths = output_paths(path, outdir, n, png, k)
+            io.save_volume(image, affine, paths[0], dtype=np.float32)
+            io.save_volume(synth_labels, affine, paths[1], dtype=np.int16)
             if png:
-                save_picture(image, synth_labels, affine, base + '.png')
+                save_picture(image, synth_labels, affine, paths[2])
             self.written += 1
             self.written_for_last += 1
             bar.update(1)
         return n
+
+
+#: Stem suffixes of this tool's outputs: a folder's earlier results are not inputs again.
+DERIVED = (r'_\d{3,}_image', r'_\d{3,}_labels', r'_\d{3,}')
+
+
+def output_paths(inp, outdir, n, png, k=None):
+    """The files written for input ``inp``: image, labels (and picture) of pair ``k``, or of
+    every pair when ``k`` is None (a flat list)."""
+    width = max(3, len(str(n - 1)))
+    if k is None:
+        return [p for j in range(n) for p in output_paths(inp, outdir, n, png, j)]
+    base = os.path.join(outdir, '%s_%0*d' % (io.stem(inp), width, k))
+    return [base + '_image.nii.gz', base + '_labels.nii.gz'] + ([base + '.png'] if png else [])
 
 
 def check_label_map(vol):

@@ -188,18 +188,20 @@ def register(args):
     names = MODELS[args.model]
     found = [common.find_model(name, path)
              for name, path in zip(names, args.weights or [None] * len(names))]
+    flagged = [('-o', args.out_moving), ('-O', args.out_fixed), ('-t', args.trans),
+               ('-T', args.inverse)]
+    if args.png:
+        flagged.append(('--png', _png_path(next(p for _, p in flagged if p))))
+    common.check_outputs([args.moving, args.fixed, args.init] + list(args.weights or []),
+                         flagged)
+    for flag, path in flagged:
+        if path:
+            io.check_writable(path, {'-t': ('.lta',) + io.SUPPORTED,
+                                     '-T': ('.lta',) + io.SUPPORTED,
+                                     '--png': ('.png',)}.get(flag, io.SUPPORTED))
     mov = io.load_volume(args.moving)
     fix = io.load_volume(args.fixed)
     mdata, fdata = _single_frame(mov), _single_frame(fix)
-    outputs = [p for p in (args.out_moving, args.out_fixed) if p]
-    for path in outputs:
-        io.check_writable(path)
-    for path in (args.trans, args.inverse):
-        if path:
-            io.check_writable(path, ('.lta',) + io.SUPPORTED)
-    reals = [os.path.realpath(p) for p in outputs + [args.trans, args.inverse] if p]
-    if len(set(reals)) != len(reals):
-        raise common.ToolError('the same output path is given twice')
     init = np.eye(4)
     if args.init:
         t = transforms.load_transform(args.init)
@@ -238,7 +240,8 @@ def register(args):
             inverse=need_inverse, fine_mm=args.fine,
             progress=lambda msg: say('%s (%.1f s)' % (msg, time.time() - t0)))
         fwd = transforms.Transform(
-            disp=inference.warp_to_world(u, grid, dst.shape, dst.affine, post=np.linalg.inv(matrix)),
+            disp=inference.warp_to_world(u, grid, dst.shape, dst.affine,
+                                         post=np.linalg.inv(matrix)),
             source=src, target=dst)
         inv = None
         if need_inverse:
@@ -270,19 +273,22 @@ def register(args):
         if moved is None:
             moved = transforms.apply(fwd, mov, method='linear', dtype=np.float32)[0]
         first = next(p for p in (args.out_moving, args.out_fixed, args.trans, args.inverse) if p)
-        save_qc_picture(fdata, np.asarray(moved, np.float32), fix.affine, first)
+        save_qc_picture(fdata, np.asarray(moved, np.float32), fix.affine, _png_path(first))
     say('done (%.1f s)' % (time.time() - t0))
     return 0
 
 
-def save_qc_picture(fixed, moved, affine, beside):
-    """``STEM.png`` beside output ``beside``: fixed and moved images (both on the fixed grid
-    ``affine``) at 1 mm in LIA order, and their checkerboard."""
+def _png_path(beside):
+    return os.path.join(os.path.dirname(os.path.abspath(beside)), io.stem(beside) + '.png')
+
+
+def save_qc_picture(fixed, moved, affine, png):
+    """A QC picture at ``png``: fixed and moved images (both on the fixed grid ``affine``) at
+    1 mm in LIA order, and their checkerboard."""
     from ... import geometry, qc
     if moved.ndim == 4:
         moved = moved[..., 0]
     grid = [geometry.conform((x, affine), voxsize=1.0, multiple=1).data for x in (fixed, moved)]
-    png = os.path.join(os.path.dirname(os.path.abspath(beside)), io.stem(beside) + '.png')
     qc.save_png(qc.registration_montage(*grid), png)
 
 
@@ -293,16 +299,11 @@ def apply(args):
         raise common.ToolError('%s: -H needs a matrix transform (.lta), not a displacement field'
                                % args.trans)
     pairs = list(zip(args.images[::2], args.images[1::2]))
-    reads = {os.path.realpath(p) for p in [args.trans] + [i for i, _ in pairs]}
-    seen = set()
-    for _, out in pairs:
-        real = os.path.realpath(out)
-        if real in reads:
-            raise common.ToolError('%s: output would overwrite an input' % out)
-        if real in seen:
-            raise common.ToolError('%s: output given twice' % out)
-        seen.add(real)
+    common.check_outputs([args.trans] + [i for i, _ in pairs], [('output', o) for _, o in pairs])
 
+    if not trans.is_warp and trans.target is None:
+        common.warn(PROG, '%s: the LTA has no valid destination volume info; outputs take '
+                    'each input\'s own grid' % args.trans)
     report = common.BatchReport(PROG)
     for inp, out in pairs:
         report.attempt(inp, apply_one, trans, inp, out, args.method, args.fill, args.type,
@@ -314,6 +315,12 @@ def apply_one(trans, inp, out, method='linear', fill=0, dtype=None, header_only=
     """Resample (or, with ``header_only``, re-header) image ``inp`` through ``trans`` to ``out``."""
     io.check_writable(out)
     vol = io.load_volume(inp, allow_empty=True)
+    out_dtype = np.dtype(dtype) if dtype is not None else np.asarray(vol.data).dtype
+    if out_dtype.kind in 'iub' and not header_only:
+        limits = np.iinfo(out_dtype) if out_dtype.kind != 'b' else np.iinfo(np.uint8)
+        if not (np.isfinite(fill) and limits.min <= fill <= limits.max):
+            raise common.ToolError('%s: --fill %g cannot be stored in %s voxels'
+                                   % (inp, fill, out_dtype))
     if header_only:
         data, affine = transforms.header_only(trans, vol)
     else:

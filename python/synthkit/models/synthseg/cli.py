@@ -7,7 +7,6 @@ argmax -> outputs at 1 mm in network space, or on the input grid with --keepgeom
 """
 
 import argparse
-import csv
 import os
 import sys
 
@@ -16,8 +15,6 @@ import numpy as np
 from ... import geometry, io
 from ... import labels as lab
 from ...cli import common
-from . import inference
-from .inference import Segmenter
 
 PROG = 'mri_synthseg'
 
@@ -45,7 +42,7 @@ def build_parser():
     p.add_argument('--qc', metavar='CSV', help='write quality scores per structure group')
     p.add_argument('--post', metavar='OUT', help='write posteriors (33 frames)')
     p.add_argument('--resample', metavar='OUT', help='write the input resampled to 1 mm')
-    p.add_argument('--crop', type=int, nargs='+', metavar='N',
+    p.add_argument('--crop', type=_crop_size, nargs='+', metavar='N',
                    help='analyse only a centred crop of N (or NX NY NZ) mm')
     p.add_argument('--threads', type=int, default=1, help='CPU threads (default 1; <=0: all)')
     p.add_argument('--cpu', action='store_true', help='run on the CPU even if a GPU is present')
@@ -61,19 +58,81 @@ def build_parser():
     return p
 
 
+#: Suffixes of this tool's outputs: a folder's earlier results are not inputs again.
+DERIVED = ('_synthseg', '_posteriors', '_resampled')
+
+#: Largest field of view (mm, any axis) taken as a head scan; beyond it, --crop is needed.
+MAX_FOV_MM = 400.0
+
+
+def _crop_size(text):
+    value = int(text)
+    if not 16 <= value <= 1000:
+        raise argparse.ArgumentTypeError('--crop sizes must be 16 to 1000 mm, got %s' % text)
+    return value
+
+
 def _outputs(args):
-    """Per-input tuples (input, seg, post, resampled), and every output path to check."""
-    pairs = io.batch_pairs(args.i, args.o, '_synthseg')
-    post = io.batch_optional(args.i, args.post, '_posteriors') if args.post else [None] * len(pairs)
-    res = io.batch_optional(args.i, args.resample, '_resampled') if args.resample \
+    """Per-input tuples (input, seg, post, resampled), checked before any work: outputs are
+    disjoint from the inputs and from each other, and writable."""
+    pairs = io.batch_pairs(args.i, args.o, '_synthseg', derived=DERIVED)
+    post = io.batch_optional(args.i, args.post, '_posteriors', derived=DERIVED) if args.post \
         else [None] * len(pairs)
+    res = io.batch_optional(args.i, args.resample, '_resampled', derived=DERIVED) \
+        if args.resample else [None] * len(pairs)
     jobs = [(i, o, p, r) for (i, o), p, r in zip(pairs, post, res)]
+    outputs = [('--vol', args.vol), ('--qc', args.qc)]
+    for _, out, post_path, res_path in jobs:
+        outputs += [('--o', out), ('--post', post_path), ('--resample', res_path)]
+        if args.png:
+            outputs.append(('--png', _png_path(out)))
+    common.check_outputs([i for i, _, _, _ in jobs] + [args.model], outputs)
+    for flag, path in outputs:
+        if path:
+            io.check_writable(path, exts=('.csv',) if flag in ('--vol', '--qc') else
+                              ('.png',) if flag == '--png' else io.SUPPORTED)
     return jobs
+
+
+def _png_path(out):
+    return os.path.join(os.path.dirname(os.path.abspath(out)), io.stem(out) + '.png')
+
+
+def _check_geometry(vol, crop):
+    """Refuse a field of view that cannot be a head (memory grows with it) unless --crop
+    bounds it; warn about voxel sizes no head scan has."""
+    voxsize = np.sqrt((np.asarray(vol.affine)[:3, :3] ** 2).sum(0))
+    fov = voxsize * np.asarray(vol.shape3)
+    if crop is None and fov.max() > MAX_FOV_MM:
+        raise common.ToolError('%s: field of view %s mm is beyond %g mm: not a head scan? '
+                               'Segment a centred box with --crop (e.g. --crop 256)'
+                               % (vol.path, ' x '.join('%.0f' % v for v in fov), MAX_FOV_MM))
+    if voxsize.min() < 0.3 or voxsize.max() > 10:
+        common.warn(PROG, '%s: voxel size %s mm is outside 0.3-10 mm; the result is unlikely '
+                    'to be meaningful' % (vol.path, ' x '.join('%.2f' % v for v in voxsize)))
+    if fov.min() < 60:
+        common.warn(PROG, '%s: field of view %s mm cannot hold a whole brain'
+                    % (vol.path, ' x '.join('%.0f' % v for v in fov)))
+
+
+def _check_result(path, volumes, qc):
+    """One warning line for an implausible result (no brain-sized brain, low confidence)."""
+    brain = sum(v for label, v in volumes.items() if label not in (0, 24)) / 1e6
+    if not 0.5 <= brain <= 2.5:
+        common.warn(PROG, '%s: implausible brain volume %.2f L (expected 0.5-2.5 L): is it a '
+                    'brain MRI?' % (path, brain))
+    low = [name for name, score in qc.items() if 0 < score < 0.5]
+    if low:
+        common.warn(PROG, '%s: low QC scores (%s): check the segmentation' % (path, ', '.join(low)))
 
 
 def segment_one(seg, args, inp, out, post_path, res_path):
     """Segment one scan and write its outputs; returns (volumes, qc scores)."""
     vol = io.load_volume(inp)
+    crop = None
+    if args.crop:
+        crop = args.crop * 3 if len(args.crop) == 1 else args.crop
+    _check_geometry(vol, crop)
     if vol.nframes > 1:
         print('%s: warning: %s has %d frames; segmenting the first' % (PROG, inp, vol.nframes),
               file=sys.stderr)
@@ -81,9 +140,6 @@ def segment_one(seg, args, inp, out, post_path, res_path):
     data = np.asarray(vol.data, np.float32)
     if args.ct:
         data = np.clip(data, 0, 80)
-    crop = None
-    if args.crop:
-        crop = args.crop * 3 if len(args.crop) == 1 else args.crop
     result = seg.segment(data, vol.affine, fast=args.fast, crop=crop,
                          keep_posteriors=bool(post_path))
     grid, hard = result.grid, result.hard
@@ -103,8 +159,8 @@ def segment_one(seg, args, inp, out, post_path, res_path):
         io.save_volume(raw.data, raw.affine, res_path, like=vol)
     if args.png:
         from ... import qc
-        png = os.path.join(os.path.dirname(os.path.abspath(out)), io.stem(out) + '.png')
-        qc.save_png(qc.montage(grid.data, hard), png)
+        qc.save_png(qc.montage(grid.data, hard), _png_path(out))
+    _check_result(inp, result.volumes, result.qc)
     return result.volumes, result.qc
 
 
@@ -112,24 +168,14 @@ def write_volumes_csv(path, rows, out_labels):
     """One row per subject: subject, total intracranial, then every structure (mm^3)."""
     structures = [l for l in out_labels if l != 0]
     header = ['subject', 'total intracranial'] + [lab.SYNTHSEG_NAMES[l] for l in structures]
-    _write_csv(path, header, [[name, '%.3f' % sum(v[l] for l in structures)]
-                              + ['%.3f' % v[l] for l in structures] for name, v in rows])
+    io.save_csv(path, header, [[name, '%.3f' % sum(v[l] for l in structures)]
+                               + ['%.3f' % v[l] for l in structures] for name, v in rows])
 
 
 def write_qc_csv(path, rows):
     names = [g for g, _ in lab.QC_GROUPS]
-    _write_csv(path, ['subject'] + names,
-               [[subject] + ['%.4f' % s[g] for g in names] for subject, s in rows])
-
-
-def _write_csv(path, header, rows):
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
-                       '.%s.tmp%d' % (os.path.basename(path), os.getpid()))
-    with open(tmp, 'w', newline='') as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    os.replace(tmp, path)
+    io.save_csv(path, ['subject'] + names,
+                [[subject] + ['%.4f' % s[g] for g in names] for subject, s in rows])
 
 
 def run(args):
@@ -141,16 +187,11 @@ def run(args):
         raise common.ToolError('--crop takes 1 or 3 sizes')
     if args.cpu:
         common.hide_gpus()
+    jobs = _outputs(args)            # every output checked before any work
+    weights, card = common.find_model('synthseg', args.model)
     common.set_threads(args.threads)
-    jobs = _outputs(args)
-    for _, out, post, res in jobs:
-        for path in (out, post, res):
-            if path:
-                io.check_writable(path)
-    for path in (args.vol, args.qc):
-        if path:
-            io.check_writable(path, exts=('.csv',))
-    seg = Segmenter(args.model)
+    from .inference import Segmenter   # TensorFlow: only once the arguments are known good
+    seg = Segmenter(weights, card)
 
     report = common.BatchReport(PROG)
     vol_rows, qc_rows = [], []

@@ -73,8 +73,11 @@ def content_box(data, divisor=8, margin=8):
 class Segmenter:
     """The loaded network and how to segment one scan with it."""
 
-    def __init__(self, weights=None):
-        path, card = common.find_model('synthseg', weights)
+    def __init__(self, weights=None, card=None):
+        """``weights``: a ``.weights.h5`` path (default: the shipped model); ``card``: its
+        model card, if already read."""
+        path, card = (weights, card) if card is not None else \
+            common.find_model('synthseg', weights)
         self.model, self.cfg = nets.load_unet(path, card)
         self.labels = tuple(card['output_labels'])
         self.voxsize = float(card['input'].get('voxsize_mm', 1.0))

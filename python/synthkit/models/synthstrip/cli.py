@@ -15,9 +15,15 @@ import numpy as np
 
 from ... import io
 from ...cli import common
-from .inference import Stripper, brain_mask
 
 PROG = 'mri_synthstrip'
+
+
+def _finite(text):
+    value = float(text)
+    if not np.isfinite(value):
+        raise argparse.ArgumentTypeError('expected a finite number, got %s' % text)
+    return value
 
 
 def build_parser():
@@ -28,30 +34,47 @@ def build_parser():
     p.add_argument('-m', '--mask', metavar='FILE', help='save the binary brain mask')
     p.add_argument('-d', '--sdt', metavar='FILE', help='save the signed distance transform (mm)')
     p.add_argument('-g', '--gpu', action='store_true', help='run on the GPU')
-    p.add_argument('-b', '--border', metavar='MM', type=float, default=1,
+    p.add_argument('-b', '--border', metavar='MM', type=_finite, default=1,
                    help='mask border threshold in mm (default: %(default)s)')
     p.add_argument('-t', '--threads', metavar='N', type=int, help='number of CPU threads')
     p.add_argument('--no-csf', action='store_true', help='exclude CSF from the brain border')
     p.add_argument('--model', metavar='FILE', help='alternative model weights (.weights.h5)')
-    p.add_argument('--fill', metavar='VALUE', type=float, default=0,
+    p.add_argument('--fill', metavar='VALUE', type=_finite, default=0,
                    help='(SynthKit) value of removed voxels in --out (default: %(default)s)')
     p.add_argument('--png', action='store_true',
                    help='(SynthKit) save a QC picture (mask over the image) beside the first output')
     return p
 
 
+def _png_path(first):
+    return os.path.join(os.path.dirname(os.path.abspath(first)), io.stem(first) + '.png')
+
+
 def strip(args):
     outputs = [p for p in (args.out, args.mask, args.sdt) if p]
     common.require_inputs(args.image)
+    flagged = [('-o', args.out), ('-m', args.mask), ('-d', args.sdt)]
+    if args.png:
+        flagged.append(('--png', _png_path(outputs[0])))
+    common.check_outputs([args.image, args.model], flagged)
     weights, card = common.find_model('synthstrip_nocsf' if args.no_csf else 'synthstrip',
-                                      args.model)
+                                      args.model, tasks=('synthstrip', 'synthstrip_nocsf'))
+    for flag, path in flagged:
+        if path:
+            io.check_writable(path, ('.png',) if flag == '--png' else io.SUPPORTED)
     vol = io.load_volume(args.image)
-    for path in outputs:
-        io.check_writable(path)
+    fill_dtype = np.asarray(vol.data).dtype
+    if args.out and fill_dtype.kind in 'iub':
+        info = np.iinfo(fill_dtype) if fill_dtype.kind != 'b' else None
+        if info is not None and float(args.fill).is_integer() and \
+                not info.min <= args.fill <= info.max:
+            raise common.ToolError('--fill %g does not fit the %s voxels of %s (%d to %d)'
+                                   % (args.fill, fill_dtype, args.image, info.min, info.max))
     if args.threads:
         common.set_threads(args.threads)
     if not args.gpu:
         common.hide_gpus()
+    from .inference import Stripper, brain_mask   # TensorFlow: once the inputs are known good
     net = Stripper(weights, card)
 
     frames = [vol.frame(f) for f in range(vol.nframes)] if vol.nframes > 1 else [vol]
@@ -73,11 +96,13 @@ def strip(args):
         io.save_volume(stack(sdts), vol.affine, args.sdt, like=vol)
     if args.png:
         from ... import qc
-        first = outputs[0]
-        png = os.path.join(os.path.dirname(os.path.abspath(first)), io.stem(first) + '.png')
-        qc.save_png(qc.montage(image_net, np.where(sdt_net < args.border, 12, 0)), png)
-    print('%s: brain volume %.1f cm^3' % (PROG, masks[0].sum() * abs(np.linalg.det(
-        vol.affine[:3, :3])) / 1000), file=sys.stderr)
+        qc.save_png(qc.montage(image_net, np.where(sdt_net < args.border, 12, 0)),
+                    _png_path(outputs[0]))
+    litres = masks[0].sum() * abs(np.linalg.det(vol.affine[:3, :3])) / 1e6
+    print('%s: brain volume %.1f cm^3' % (PROG, litres * 1000), file=sys.stderr)
+    if not 0.5 <= litres <= 2.5:
+        common.warn(PROG, '%s: implausible brain volume %.2f L (expected 0.5-2.5 L): is it a '
+                    'head MRI?' % (args.image, litres))
     return 0
 
 
