@@ -461,3 +461,116 @@ def test_shapes_bank_uses_distinct_painting_classes():
     assert len({classes[k] for k in morph_task.SHAPE_LABELS}) == len(morph_task.SHAPE_LABELS)
     assert float(ops.mean(morph.dice_loss(np.ones((1, 2, 2, 2, 1), np.float32),
                                           np.ones((1, 2, 2, 2, 1), np.float32)))) < 1e-5
+
+
+# ----------------------------------------------------------- bounded memory at any field of view
+def test_plan_tiles_partition_the_grid_within_the_voxel_budget():
+    shape = (64, 48, 40)
+    tiles = sm_inference.plan_tiles(shape, 30000, 8, 4)
+    assert len(tiles) > 1
+    count = np.zeros(shape, int)
+    for region, core, dst in tiles:
+        assert np.prod([s.stop - s.start for s in region]) <= 30000
+        assert all(s.start % 4 == 0 for s in region + dst)
+        assert all(r.start + c.start == d.start and r.start + c.stop == d.stop
+                   for r, c, d in zip(region, core, dst))
+        # a core has the full margin of context inside the grid
+        assert all(d.start - r.start >= min(8, d.start) for r, d in zip(region, dst))
+        count[dst] += 1
+    assert np.all(count == 1)
+    assert len(sm_inference.plan_tiles(shape, np.prod(shape), 8, 4)) == 1
+
+
+def test_tiled_correlation_gives_the_whole_network_result():
+    net = seeded(morph.deform_network(kind='correlation', features=[4, 8, 8], hyper_units=4,
+                                      head_features=4), 3)
+    rng = np.random.default_rng(4)
+    from scipy import ndimage
+    pair = np.stack([ndimage.gaussian_filter(rng.random((128, 96, 64)), 2) for _ in range(2)], -1)
+    pair = (pair - pair.min()) / np.ptp(pair)
+    lam = np.array([[0.4]], np.float32)
+    whole = np.asarray(net.predict_on_batch([pair[None].astype(np.float32), lam]))
+    tiled = sm_inference.TiledCorrelation(net, max_voxels=150000, margin=32,
+                                          head_max_voxels=8000, head_margin=8)
+    for grid, tiles in [((128, 96, 64), sm_inference.plan_tiles((128, 96, 64), 150000, 32, 4)),
+                        ((64, 48, 32), sm_inference.plan_tiles((64, 48, 32), 8000, 8, 1))]:
+        # several tiles, each seeing less than the whole grid
+        assert len(tiles) > 1 and all(np.prod([s.stop - s.start for s in region])
+                                      < np.prod(grid) for region, _, _ in tiles)
+    feat_m = tiled.features(pair[..., 0].astype(np.float32))
+    feat_f = tiled.features(pair[..., 1].astype(np.float32))
+    vel = tiled.head(feat_f, feat_m, lam)
+    assert vel.shape == whole.shape and np.abs(whole).max() > 1e-3
+    assert np.allclose(vel, whole, atol=1e-4 * np.abs(whole).max() + 1e-6)
+
+
+def test_displaced_sampling_in_slabs_equals_one_pass():
+    from synthkit.layers import utils
+    rng = np.random.default_rng(5)
+    vol = rng.random((12, 10, 9, 2)).astype(np.float32)
+    disp = rng.normal(0, 2, (12, 10, 9, 3)).astype(np.float32)
+    pts = utils.volume_grid(vol.shape[:3]) + disp
+    one = np.asarray(utils.sample_linear(vol[None], np.asarray(pts)[None]))[0]
+    slabs = sm_inference._sample_displaced(vol, disp, False, slab_voxels=100)
+    assert np.allclose(slabs, one, atol=1e-6)
+    clamped = np.clip(np.asarray(pts), 0, np.array(vol.shape[:3], np.float32) - 1)
+    assert np.allclose(sm_inference._sample_displaced(vol, disp, True, slab_voxels=100),
+                       np.asarray(utils.sample_linear(vol[None], clamped[None]))[0], atol=1e-6)
+
+
+def test_deformable_level_is_cropped_to_the_heads(models, pair):
+    """Padding the fixed image's field of view does not change the level's grid in world
+    space beyond the heads' box, nor the images on it."""
+    reg = sm_inference.Registrar(deform_model=(models[1], _card(models[1])))
+    m, f = (io.load_volume(p) for p in pair)
+    shape, grid, fi, mi = reg.level((m.data, m.affine), (f.data, f.affine), np.eye(4))
+    big = np.zeros((160, 150, 140), np.float32)
+    big[50:90, 60:104, 40:76] = f.data
+    big_aff = f.affine.copy()
+    big_aff[:3, 3] -= f.affine[:3, :3] @ [50, 60, 40]
+    shape2, grid2, fi2, mi2 = reg.level((m.data, m.affine), (big, big_aff), np.eye(4))
+    full, _ = reg.deform_grid(big.shape, big_aff)
+    assert np.prod(shape2) < np.prod(full) / 4           # the empty field of view is cut away
+    assert all(n % 16 == 0 for n in shape2)
+    # both crops hold the same content: the heads' total intensity on each grid
+    vox = abs(np.linalg.det(grid[:3, :3]))
+    assert fi2.sum() * abs(np.linalg.det(grid2[:3, :3])) == pytest.approx(fi.sum() * vox, rel=0.02)
+    assert mi2.sum() == pytest.approx(mi.sum() * vox / abs(np.linalg.det(grid2[:3, :3])),
+                                      rel=0.02)
+
+
+def _card(weights):
+    with open(weights.replace('.weights.h5', '.json')) as f:
+        return json.load(f)
+
+
+@pytest.mark.slow
+def test_register_two_256_cubes_stays_within_4_gb(tmp):
+    """Two FreeSurfer-sized (256^3, 1 mm) mostly empty scans with the shipped models, joint
+    registration at default settings, peak memory (the process's maximum resident size) under
+    4 GB: issue 15's crash (a cost volume over the whole field of view)."""
+    import subprocess
+    import sys
+    aff = np.array([[-1.0, 0, 0, 128], [0, 0, 1, -128], [0, -1, 0, 128], [0, 0, 0, 1]])
+    paths = []
+    for i, shift in enumerate([(0, 0, 0), (4, -3, 2)]):
+        data = np.zeros((256, 256, 256), np.float32)
+        head = _head((150, 170, 140), seed=i, shift=shift)
+        data[53:203, 43:213, 58:198] = head * 0.8 if i else head
+        paths.append(os.path.join(tmp, 'subj%d.mgz' % i))
+        nib.save(nib.MGHImage(data.astype(np.uint8), aff), paths[-1])
+    code = ('import resource, sys\n'
+            'from synthkit.models.synthmorph import cli\n'
+            'try:\n'
+            '    rc = cli.main(sys.argv[1:])\n'
+            'finally:\n'
+            '    print("maxrss_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n'
+            'sys.exit(rc)\n')
+    warp = os.path.join(tmp, 'warp.nii.gz')
+    r = subprocess.run([sys.executable, '-c', code, 'register', '-m', 'joint', '-t', warp,
+                        '-j', '2', paths[0], paths[1]], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rss_gb = int(r.stdout.split('maxrss_kb')[-1]) / 2 ** 20
+    print('peak memory %.2f GB' % rss_gb)
+    assert rss_gb < 4.0, rss_gb
+    assert nib.load(warp).shape[:3] == (256, 256, 256)

@@ -5,10 +5,13 @@ Matrices are world RAS mm, moving -> fixed (FreeSurfer's direction, :mod:`synthk
 fields on a network grid are in its voxels (neurite's convention).
 """
 
+import itertools
+
 import numpy as np
 from keras import ops
 
 from ... import backend, geometry
+from ...cli import common
 from ...layers import utils
 from .network import barycenters, deform_network, feature_net, fit_rigid, fit_symmetric, integrate
 
@@ -25,7 +28,12 @@ def build_network(card):
 
 
 def _predict(model, inputs):
-    """Run ``model`` once (compiled on TensorFlow: half the memory, faster)."""
+    """Run ``model`` once (compiled on TensorFlow: half the memory, faster) on float32 inputs
+    (an array, or a list of them)."""
+    if isinstance(inputs, (list, tuple)):
+        inputs = [np.asarray(x, np.float32) for x in inputs]
+    else:
+        inputs = np.asarray(inputs, np.float32)
     return np.asarray(backend.predictor(model)(inputs))
 
 
@@ -44,11 +52,14 @@ class Registrar:
         if affine_model is not None:
             weights, self.affine_card = affine_model
             self.affine_net = build_network(self.affine_card)
-            self.affine_net.load_weights(weights)
+            common.load_weights(self.affine_net, weights)
+        self.tiled = None
         if deform_model is not None:
             weights, self.deform_card = deform_model
             self.deform_net = build_network(self.deform_card)
-            self.deform_net.load_weights(weights)
+            common.load_weights(self.deform_net, weights)
+            if self.deform_card['architecture'].get('kind') == 'correlation':
+                self.tiled = TiledCorrelation(self.deform_net)
 
     def _rescaled(self, data):
         """``geometry.rescale_intensities(data)``, computed once per input array (the affine step
@@ -102,28 +113,48 @@ class Registrar:
         :meth:`network_grid` (voxels of the model's size, or ``voxsize`` mm)."""
         return self.network_grid(self.deform_card, fixed_shape, fixed_affine, voxsize)
 
-    def velocity(self, moving, fixed, matrix, lam=0.5, voxsize=None, disp=None):
-        """Symmetric velocity field on the half-resolution deformable grid, and that grid.
-
-        The moving image is resampled onto the fixed image's network grid (of ``voxsize`` mm,
-        default the model's) through ``matrix`` (moving -> fixed RAS) first, then warped by
-        ``disp`` (X, Y, Z, 3) on that grid, in its voxels, if given (a coarser level's result);
-        the field maps that grid to itself, in its voxels."""
+    def level(self, moving, fixed, matrix, voxsize=None, margin=8):
+        """One deformable level: ``(shape, affine, fixed image, moving image)``, the fixed
+        image's network grid (voxels of ``voxsize`` mm, default the model's) cropped to where
+        either image has content (plus ``margin`` voxels, in blocks of 16: time and memory
+        follow the heads, not the field of view), and both images on it, rescaled, the moving
+        one through ``matrix`` (moving -> fixed RAS)."""
         shape, grid = self.deform_grid(fixed[0].shape, fixed[1], voxsize)
         f = geometry.resample(self._rescaled(fixed[0]), fixed[1], shape, grid, 'linear')
         m = geometry.resample(self._rescaled(moving[0]), matrix @ moving[1], shape, grid,
                               'linear')
+        box = content_box((f > 0) | (m > 0), 16, margin)
+        start = np.array([b.start for b in box], float)
+        cropped = grid.copy()
+        cropped[:3, 3] = grid[:3, :3] @ start + grid[:3, 3]
+        return (tuple(b.stop - b.start for b in box), cropped,
+                np.ascontiguousarray(f[box]), np.ascontiguousarray(m[box]))
+
+    def velocity(self, moving, fixed, matrix, lam=0.5, voxsize=None, disp=None, level=None):
+        """Symmetric velocity field on the half-resolution grid of a level, and the level's
+        grid ``(shape, affine)`` (:meth:`level`, or ``level`` if given).
+
+        The moving image, already on the level's grid, is warped by ``disp`` (X, Y, Z, 3) on
+        that grid, in its voxels, if given (a coarser level's result); the field maps that grid
+        to itself, in its voxels."""
+        shape, grid, f, m = level or self.level(moving, fixed, matrix, voxsize)
         if disp is not None:
             m = warp_image(m, disp)
         lam = np.array([[lam]], np.float32)
-        v1 = _predict(self.deform_net, [np.stack([m, f], -1)[None], lam])
-        v2 = _predict(self.deform_net, [np.stack([f, m], -1)[None], lam])
+        if self.tiled is not None:          # each image's features once, the head per order
+            feat_m, feat_f = self.tiled.features(m), self.tiled.features(f)
+            v1 = self.tiled.head(feat_f, feat_m, lam)
+            v2 = self.tiled.head(feat_m, feat_f, lam)
+        else:
+            v1 = _predict(self.deform_net, [np.stack([m, f], -1)[None], lam])
+            v2 = _predict(self.deform_net, [np.stack([f, m], -1)[None], lam])
         return (v1 - v2) / 2, shape, grid
 
     def deformation(self, moving, fixed, matrix, lam=0.5, steps=7, inverse=True,
                     fine_mm=None, progress=None):
         """Coarse-to-fine deformable registration: ``(fwd, inv, shape, grid)``, displacement
-        fields (X, Y, Z, 3) in voxels of the fixed image's network grid ``(shape, grid)``.
+        fields (X, Y, Z, 3) in voxels of the last level's grid ``(shape, grid)`` (the fixed
+        image's network grid where the images are; identity beyond it).
 
         The network runs first on its own grid (the model's voxel size), then, if ``fine_mm``
         is smaller, once more on a ``fine_mm`` grid, on the moving image already warped by the
@@ -134,14 +165,14 @@ class Registrar:
         levels = [float(self.deform_card['input']['voxsize_mm'])]
         if fine_mm and float(fine_mm) < levels[0]:
             levels.append(float(fine_mm))
-        fwd = inv = None
+        fwd = inv = grid = None
         for vox in levels:
+            level = self.level(moving, fixed, matrix, vox)
             if fwd is not None:                  # the coarse result, on this level's grid
-                level = self.deform_grid(fixed[0].shape, fixed[1], vox)
-                fwd = regrid_displacement(fwd, grid, *level)
+                fwd = regrid_displacement(fwd, grid, level[0], level[1])
                 if inverse:
-                    inv = regrid_displacement(inv, grid, *level)
-            vel, shape, grid = self.velocity(moving, fixed, matrix, lam, vox, fwd)
+                    inv = regrid_displacement(inv, grid, level[0], level[1])
+            vel, shape, grid = self.velocity(moving, fixed, matrix, lam, disp=fwd, level=level)
             u, u_inv = self.displacements(vel, shape, steps, inverse=inverse)
             fwd = u if fwd is None else compose_displacements(fwd, u)
             if inverse:
@@ -158,14 +189,140 @@ class Registrar:
         return fwd, inv
 
 
-def _sample_displaced(vol, disp, clamp):
+def content_box(mask, divisor=16, margin=8):
+    """Slices of the bounding box of ``mask`` grown by ``margin`` voxels and to sizes that are
+    multiples of ``divisor``, inside the array (whose sizes are multiples of ``divisor``); the
+    whole array when the mask is empty."""
+    out = []
+    for axis, n in enumerate(mask.shape):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        nz = np.flatnonzero(np.any(mask, axis=other))
+        if nz.size == 0:
+            return tuple(slice(0, m) for m in mask.shape)
+        lo, hi = max(nz[0] - margin, 0), min(nz[-1] + 1 + margin, n)
+        size = min(-(-(hi - lo) // divisor) * divisor, n)
+        lo = min(lo - lo % 4, n - size)          # whole pooling blocks from the grid's origin
+        out.append(slice(int(lo), int(lo + size)))
+    return tuple(out)
+
+
+def plan_tiles(shape, max_voxels, margin, align):
+    """Tiles covering a grid of ``shape``: ``[(region slices, core slices in the region,
+    core slices in the grid)]``, as few as keep each region (its core and up to ``margin``
+    voxels of context, less at the grid's edges) within ``max_voxels``; the axis with the
+    largest cores is split first. Starts and sizes are multiples of ``align`` (the grid's
+    sizes must be too)."""
+    shape = [int(n) for n in shape]
+    splits = [1, 1, 1]
+
+    def axis_tiles(n, k):
+        core = -(-n // k)
+        core = -(-core // align) * align
+        out = []
+        for c0 in range(0, n, core):
+            c1 = min(c0 + core, n)
+            r0 = max(0, c0 - margin) // align * align
+            r1 = min(n, -(-(c1 + margin) // align) * align)
+            out.append((r0, r1, c0, c1))
+        return out
+
+    while True:
+        tiles = [axis_tiles(n, k) for n, k in zip(shape, splits)]
+        biggest = np.prod([max(r1 - r0 for r0, r1, _, _ in t) for t in tiles])
+        cores = [max(c1 - c0 for _, _, c0, c1 in t) for t in tiles]
+        if biggest <= max_voxels or max(cores) <= max(align, margin):   # context dominates
+            break
+        splits[int(np.argmax(cores))] += 1
+    out = []
+    for region in itertools.product(*tiles):
+        out.append((tuple(slice(r0, r1) for r0, r1, _, _ in region),
+                    tuple(slice(c0 - r0, c1 - r0) for r0, _, c0, c1 in region),
+                    tuple(slice(c0, c1) for _, _, c0, c1 in region)))
+    return out
+
+
+class TiledCorrelation:
+    """A correlation network (:func:`~.network.correlation_net`) run in tiles, with the same
+    result as on the whole grid: memory is bounded by the tile size whatever the field of view.
+
+    Its encoder is local but for its last step (each feature vector less the image's mean
+    feature, scaled to unit length): the raw features are computed tile by tile, with enough
+    context around each tile (``margin``, beyond the encoder's receptive field) and tiles on
+    whole pooling blocks, then normalized over the whole image. The head (cost volume over
+    shifts of 2 voxels, three 3x3x3 convolutions) is local too: tiles of the half-resolution
+    grid with ``head_margin`` voxels of context. Each image's features are computed once and
+    serve both orders of the symmetric velocity."""
+
+    def __init__(self, net, max_voxels=7e6, margin=32, head_max_voxels=5e5, head_margin=8):
+        import keras
+        self.max_voxels, self.margin = max_voxels, margin
+        self.head_max_voxels, self.head_margin = head_max_voxels, head_margin
+        encoder = net.get_layer('encoder')
+        self.raw = keras.Model(encoder.input, encoder.get_layer('embed').output)
+        channels = encoder.output.shape[-1]
+        ff = keras.Input((None, None, None, channels), name='fixed_features')
+        mf = keras.Input((None, None, None, channels), name='moving_features')
+        lam = keras.Input((1,), name='lambda')
+        cost = net.get_layer('cost')([ff, mf])
+        flow = net.get_layer('soft_argmax')(cost)
+        y = net.get_layer('head_in')([cost, flow])
+        h = net.get_layer('hyper1')(net.get_layer('hyper0')(lam))
+        i = 0
+        while True:
+            try:
+                conv = net.get_layer('head_conv%d' % i)
+            except ValueError:
+                break
+            y = net.get_layer('head_act%d' % i)(conv(y))
+            y = net.get_layer('head_mod%d' % i)([y, net.get_layer('head_film%d' % i)(h)])
+            i += 1
+        y = net.get_layer('correction')(y)
+        self.head_model = keras.Model([ff, mf, lam], net.get_layer('velocity')([flow, y]))
+
+    def features(self, image):
+        """Unit feature vectors (X/2, Y/2, Z/2, C) of an image (X, Y, Z)."""
+        out = None
+        for region, core, dst in plan_tiles(image.shape, self.max_voxels, self.margin, 4):
+            part = _predict(self.raw, np.ascontiguousarray(image[region])[None, ..., None])[0]
+            if out is None:
+                out = np.empty(tuple(n // 2 for n in image.shape) + (part.shape[-1],),
+                               np.float32)
+            half = lambda sl: tuple(slice(s.start // 2, s.stop // 2) for s in sl)  # noqa: E731
+            out[half(dst)] = part[half(core)]
+        out -= out.reshape(-1, out.shape[-1]).mean(0, dtype=np.float64).astype(np.float32)
+        out /= np.sqrt(np.square(out).sum(-1, keepdims=True) + 1e-6)
+        return out
+
+    def head(self, fixed_features, moving_features, lam):
+        """Velocity (1, X/2, Y/2, Z/2, 3) of the moving -> fixed correspondence."""
+        shape = fixed_features.shape[:3]
+        out = np.empty((1,) + tuple(shape) + (3,), np.float32)
+        for region, core, dst in plan_tiles(shape, self.head_max_voxels, self.head_margin, 1):
+            part = _predict(self.head_model, [fixed_features[region][None],
+                                              moving_features[region][None], lam])[0]
+            out[(0,) + dst] = part[core]
+        return out
+
+
+def _sample_displaced(vol, disp, clamp, slab_voxels=2 ** 21):
     """``vol`` (X, Y, Z, C) trilinearly sampled at ``x + disp(x)`` (voxels): beyond the grid,
-    points clamped to its edge (``clamp``: fields continue with their edge values) or zero."""
+    points clamped to its edge (``clamp``: fields continue with their edge values) or zero.
+    Slab by slab of about ``slab_voxels`` points, so the sampler's temporaries stay small."""
     shape = vol.shape[:3]
-    pts = utils.volume_grid(shape) + ops.convert_to_tensor(disp.astype(np.float32))
-    if clamp:
-        pts = ops.clip(pts, 0.0, ops.convert_to_tensor(np.array(shape, np.float32) - 1))
-    return np.asarray(utils.sample_linear(ops.convert_to_tensor(vol[None]), pts[None]))[0]
+    src = ops.convert_to_tensor(np.asarray(vol, np.float32)[None])
+    upper = np.array(shape, np.float32) - 1
+    out = np.empty(tuple(disp.shape[:3]) + (vol.shape[3],), np.float32)
+    step = max(1, slab_voxels // max(1, shape[1] * shape[2]))
+    for a in range(0, disp.shape[0], step):
+        b = min(a + step, disp.shape[0])
+        grid = np.stack(np.meshgrid(np.arange(a, b, dtype=np.float32),
+                                    np.arange(shape[1], dtype=np.float32),
+                                    np.arange(shape[2], dtype=np.float32), indexing='ij'), -1)
+        pts = grid + disp[a:b].astype(np.float32)
+        if clamp:
+            pts = np.clip(pts, 0.0, upper)
+        out[a:b] = np.asarray(utils.sample_linear(src, ops.convert_to_tensor(pts[None])))[0]
+    return out
 
 
 def warp_image(img, disp):
