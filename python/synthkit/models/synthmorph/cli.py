@@ -70,8 +70,8 @@ REGISTER_EPILOG = """\
 Accuracy, speed and memory on real scans, beside ANTs SyN: docs/bench_synthmorph.md and the model
 cards. The affine model is coarse (a few mm): for scans already roughly aligned (e.g. to an
 atlas), -m deform without it does as well or better than joint. --fine 0 is about 3x faster and
-less accurate; the 1 mm level needs about 3.5 GB of memory for a 160x192x224 mm field of view
-and 6.7 GB for a whole head (192x256x256 mm)."""
+less accurate. Each level runs on the heads' bounding box, in tiles: two 256^3 whole-head
+inputs need about 2.5 GB (3.8 GB with -T, -o, -O and --png as well)."""
 
 
 def build_parser():
