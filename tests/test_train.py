@@ -100,6 +100,12 @@ def test_run_resume_and_export(tiny_cfg, tmp_path):
     # ... and the card's device history (steps 0-6 there, 6-8 here, merged)
     assert state['devices'] == [[0, 8, trainer.device_description()]]   # one device throughout
     assert card['training']['devices'] == [[0, 6, trainer.device_description()]]
+    # ... and its learning curve: the card's points first, then this run's
+    card2 = trainer.export(str(tmp_path / 'run2'), str(tmp_path / 'models' / 'seg2'))
+    curve = [s for s, _ in card2['training']['validation_dice_synthetic']]
+    assert curve == [3, 4, 6, 8]
+    assert card2['training']['validation_dice_synthetic'][:3] == [
+        tuple(v) for v in card['training']['validation_dice_synthetic']]
 
 
 def test_resume_refuses_a_different_config(tiny_cfg, tmp_path):

@@ -49,6 +49,7 @@ class Trainer:
         self.ckpt = os.path.join(run_dir, 'ckpt.keras')
         self.state_path = os.path.join(run_dir, 'state.json')
         self.log_path = os.path.join(run_dir, 'log.csv')
+        self._earlier = []       # validation curve of the INIT weights (before this run's log)
         cfg_path = os.path.join(run_dir, 'config.json')
         if os.path.exists(cfg_path):
             with open(cfg_path) as f:
@@ -88,13 +89,15 @@ class Trainer:
             start = int(done['steps'])
             state = {'step': start, 'seconds': 3600.0 * float(done['hours']),
                      'devices': done.get('devices') or ([[0, start, done['device']]]
-                                                        if done.get('device') else [])}
+                                                        if done.get('device') else []),
+                     'earlier_validation': done.get('validation_dice_synthetic') or []}
             print('starting %s from %s at step %d' % (self.run_dir, self.init, start), flush=True)
         else:
             model, start = self.task.build_model(), 0
         # where the steps were trained: [first step, last step, device] of earlier sessions,
         # and this session's first step and device (each checkpoint extends it)
         self._devices = state.get('devices') or []
+        self._earlier = state.get('earlier_validation') or []   # the INIT card's curve
         self._session = (start, device_description())
         if start >= cfg.steps:
             return model
@@ -156,6 +159,7 @@ class Trainer:
         first, device = self._session
         devices = merge_devices(self._devices + [[first, step, device]])
         _atomic_json({'step': step, 'seconds': seconds, 'devices': devices,
+                      'earlier_validation': self._earlier,
                       'saved': datetime.datetime.now().isoformat(timespec='seconds')},
                      self.state_path)
 
@@ -266,6 +270,19 @@ def read_log(run_dir):
         return list(csv.DictReader(f))
 
 
+def _learning_curve(state, vals, card_path):
+    """``[(step, validation Dice)]`` of the whole training: this run's log, after the curve of
+    the weights it started from (``INIT``: kept in its state, else read from the card being
+    replaced) for the steps before the log's first."""
+    curve = [(int(r['step']), float(r['val_dice'])) for r in vals]
+    earlier = state.get('earlier_validation')
+    if not earlier and os.path.exists(card_path):
+        with open(card_path) as f:
+            earlier = json.load(f).get('training', {}).get('validation_dice_synthetic') or []
+    first = curve[0][0] if curve else float('inf')
+    return [(int(s), float(v)) for s, v in earlier if s < first] + curve
+
+
 def _old_notes(card_path):
     if os.path.exists(card_path):
         with open(card_path) as f:
@@ -321,8 +338,8 @@ def export(run_dir, prefix, scores=None, notes=None, label_dir=None):
                      'device': describe_devices(state['devices']) if state.get('devices')
                      else device_description(),
                      'devices': state.get('devices'),
-                     'validation_dice_synthetic': [(int(r['step']), float(r['val_dice']))
-                                                   for r in vals],
+                     'validation_dice_synthetic': _learning_curve(
+                         state, vals, prefix + '.json'),
                      'validation_by_norm_statistics': norm,
                      'finished': state.get('saved')},
         'scores': scores or {},
