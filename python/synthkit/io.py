@@ -281,7 +281,7 @@ def save_text(text, path):
     """Write ``text`` to ``path`` atomically (temp file beside it, renamed into place)."""
     tmp = _reserve_temp(path)
     try:
-        with open(tmp, 'w', newline='') as f:
+        with open(tmp, 'w', newline='\n') as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:

@@ -434,17 +434,9 @@ def write_lta(transform, path, lta_type=LINEAR_RAS_TO_RAS):
                     % os.path.basename(path))
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = io._reserve_temp(path)
+        io.save_text(text, path)
     except OSError as e:
         raise TransformError(path, 'cannot write (%s)' % (e.strerror or e)) from None
-    try:
-        with open(tmp, 'w', newline='\n') as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
