@@ -174,3 +174,12 @@ def test_every_registered_task_builds_from_its_preset():
             assert net.name == task.network_layer
     with pytest.raises(ValueError, match='unknown task'):
         models.task_class('synthsegg')
+
+
+def test_learning_curve_of_a_run_without_earlier_points(tmp_path):
+    """A run directory written before INIT curves were kept (no state key, no old card)."""
+    vals = [{'step': '10', 'val_dice': '0.5'}, {'step': '20', 'val_dice': '0.6'}]
+    assert trainer._learning_curve({}, vals, str(tmp_path / 'none.json')) == [(10, 0.5), (20, 0.6)]
+    card = tmp_path / 'old.json'
+    card.write_text(json.dumps({'training': {'validation_dice_synthetic': [[5, 0.1], [10, 0.4]]}}))
+    assert trainer._learning_curve({}, vals, str(card)) == [(5, 0.1), (10, 0.5), (20, 0.6)]

@@ -275,7 +275,7 @@ def _learning_curve(state, vals, card_path):
     the weights it started from (``INIT``: kept in its state, else read from the card being
     replaced) for the steps before the log's first."""
     curve = [(int(r['step']), float(r['val_dice'])) for r in vals]
-    earlier = state.get('earlier_validation')
+    earlier = state.get('earlier_validation') or []
     if not earlier and os.path.exists(card_path):
         with open(card_path) as f:
             earlier = json.load(f).get('training', {}).get('validation_dice_synthetic') or []
