@@ -105,6 +105,16 @@ class ImageStatistics:
         return np.asarray(self._call(np.asarray(x, np.float32)))
 
 
+def load_weights(model, path):
+    """``model.load_weights(path)``, with a one-line ``ValueError`` naming the file for a corrupt
+    or mismatched weights file."""
+    try:
+        model.load_weights(path)
+    except Exception as e:     # h5py, Keras and numpy raise many kinds for a bad file
+        text = ' '.join(str(e).split())[:200] or type(e).__name__
+        raise ValueError('%s: cannot load these weights (%s)' % (path, text)) from None
+
+
 def load_unet(weights, card):
     """Build the U-Net a model card describes and load ``weights`` into it: (model, config).
 
@@ -112,11 +122,7 @@ def load_unet(weights, card):
     input's own statistics (see :class:`ImageStatistics`)."""
     cfg = UNetConfig.from_dict({k: v for k, v in card['architecture'].items() if k != 'type'})
     model = unet(cfg)
-    try:
-        model.load_weights(weights)
-    except Exception as e:     # h5py, Keras and numpy raise many kinds for a bad file
-        text = ' '.join(str(e).split())[:200] or type(e).__name__
-        raise ValueError('%s: cannot load these weights (%s)' % (weights, text)) from None
+    load_weights(model, weights)
     if card.get('input', {}).get('norm_statistics') == 'image':
         model = ImageStatistics(model)
     return model, cfg

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 
+from .. import io
 from ..io import VolumeError
 
 
@@ -44,7 +45,7 @@ def run(prog, fn, *args, **kwargs):
     import warnings
 
     def one_line(msg, category, filename, lineno, file=None, line=None):
-        print('%s: warning: %s' % (prog, ' '.join(str(msg).split())), file=sys.stderr)
+        warn(prog, msg)
 
     def terminate(signum, frame):
         raise KeyboardInterrupt
@@ -197,15 +198,6 @@ def find_model(name, path=None, tasks=None):
     return weights, card
 
 
-def load_weights(model, path):
-    """``model.load_weights(path)`` with a one-line error for a corrupt or mismatched file."""
-    try:
-        model.load_weights(path)
-    except Exception as e:      # h5py, Keras and numpy raise many kinds for a bad file
-        raise ToolError('%s: cannot load these weights (%s)' % (path, message(e)[:200])) \
-            from None
-
-
 def not_yet_available(prog, what):
     """Exit cleanly for a tool whose model is not shipped yet (never pretend to work)."""
     print('%s: model not yet available: %s' % (prog, what), file=sys.stderr)
@@ -216,6 +208,11 @@ def not_yet_available(prog, what):
 MODEL_NOT_SHIPPED = """\
 Note: the trained model of this tool is not yet shipped in this release of SynthKit. The tool
 checks its arguments and inputs, then exits with status 1 without writing anything."""
+
+
+def png_beside(path):
+    """The QC picture's path for an output ``path``: its stem + ``.png``, in its folder."""
+    return os.path.join(os.path.dirname(os.path.abspath(path)), io.stem(path) + '.png')
 
 
 def require_inputs(*paths):

@@ -9,7 +9,6 @@ Run 'mri_synthmorph register --help' or 'mri_synthmorph apply --help' for their 
 """
 
 import argparse
-import os
 
 import numpy as np
 
@@ -191,7 +190,7 @@ def register(args):
     flagged = [('-o', args.out_moving), ('-O', args.out_fixed), ('-t', args.trans),
                ('-T', args.inverse)]
     if args.png:
-        flagged.append(('--png', _png_path(next(p for _, p in flagged if p))))
+        flagged.append(('--png', common.png_beside(next(p for _, p in flagged if p))))
     common.check_outputs([args.moving, args.fixed, args.init] + list(args.weights or []),
                          flagged)
     for flag, path in flagged:
@@ -273,13 +272,9 @@ def register(args):
         if moved is None:
             moved = transforms.apply(fwd, mov, method='linear', dtype=np.float32)[0]
         first = next(p for p in (args.out_moving, args.out_fixed, args.trans, args.inverse) if p)
-        save_qc_picture(fdata, np.asarray(moved, np.float32), fix.affine, _png_path(first))
+        save_qc_picture(fdata, np.asarray(moved, np.float32), fix.affine, common.png_beside(first))
     say('done (%.1f s)' % (time.time() - t0))
     return 0
-
-
-def _png_path(beside):
-    return os.path.join(os.path.dirname(os.path.abspath(beside)), io.stem(beside) + '.png')
 
 
 def save_qc_picture(fixed, moved, affine, png):

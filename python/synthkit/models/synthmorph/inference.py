@@ -10,8 +10,7 @@ import itertools
 import numpy as np
 from keras import ops
 
-from ... import backend, geometry
-from ...cli import common
+from ... import backend, geometry, nets
 from ...layers import utils
 from .network import barycenters, deform_network, feature_net, fit_rigid, fit_symmetric, integrate
 
@@ -52,12 +51,12 @@ class Registrar:
         if affine_model is not None:
             weights, self.affine_card = affine_model
             self.affine_net = build_network(self.affine_card)
-            common.load_weights(self.affine_net, weights)
+            nets.load_weights(self.affine_net, weights)
         self.tiled = None
         if deform_model is not None:
             weights, self.deform_card = deform_model
             self.deform_net = build_network(self.deform_card)
-            common.load_weights(self.deform_net, weights)
+            nets.load_weights(self.deform_net, weights)
             if self.deform_card['architecture'].get('kind') == 'correlation':
                 self.tiled = TiledCorrelation(self.deform_net)
 

@@ -7,7 +7,6 @@ argmax -> outputs at 1 mm in network space, or on the input grid with --keepgeom
 """
 
 import argparse
-import os
 import sys
 
 import numpy as np
@@ -85,17 +84,13 @@ def _outputs(args):
     for _, out, post_path, res_path in jobs:
         outputs += [('--o', out), ('--post', post_path), ('--resample', res_path)]
         if args.png:
-            outputs.append(('--png', _png_path(out)))
+            outputs.append(('--png', common.png_beside(out)))
     common.check_outputs([i for i, _, _, _ in jobs] + [args.model], outputs)
     for flag, path in outputs:
         if path:
             io.check_writable(path, exts=('.csv',) if flag in ('--vol', '--qc') else
                               ('.png',) if flag == '--png' else io.SUPPORTED)
     return jobs
-
-
-def _png_path(out):
-    return os.path.join(os.path.dirname(os.path.abspath(out)), io.stem(out) + '.png')
 
 
 def _check_geometry(vol, crop):
@@ -159,7 +154,7 @@ def segment_one(seg, args, inp, out, post_path, res_path):
         io.save_volume(raw.data, raw.affine, res_path, like=vol)
     if args.png:
         from ... import qc
-        qc.save_png(qc.montage(grid.data, hard), _png_path(out))
+        qc.save_png(qc.montage(grid.data, hard), common.png_beside(out))
     _check_result(inp, result.volumes, result.qc)
     return result.volumes, result.qc
 

@@ -8,7 +8,6 @@ geometry of the input image; multi-frame inputs are stripped frame by frame.
 """
 
 import argparse
-import os
 import sys
 
 import numpy as np
@@ -46,16 +45,12 @@ def build_parser():
     return p
 
 
-def _png_path(first):
-    return os.path.join(os.path.dirname(os.path.abspath(first)), io.stem(first) + '.png')
-
-
 def strip(args):
     outputs = [p for p in (args.out, args.mask, args.sdt) if p]
     common.require_inputs(args.image)
     flagged = [('-o', args.out), ('-m', args.mask), ('-d', args.sdt)]
     if args.png:
-        flagged.append(('--png', _png_path(outputs[0])))
+        flagged.append(('--png', common.png_beside(outputs[0])))
     common.check_outputs([args.image, args.model], flagged)
     weights, card = common.find_model('synthstrip_nocsf' if args.no_csf else 'synthstrip',
                                       args.model, tasks=('synthstrip', 'synthstrip_nocsf'))
@@ -97,7 +92,7 @@ def strip(args):
     if args.png:
         from ... import qc
         qc.save_png(qc.montage(image_net, np.where(sdt_net < args.border, 12, 0)),
-                    _png_path(outputs[0]))
+                    common.png_beside(outputs[0]))
     litres = masks[0].sum() * abs(np.linalg.det(vol.affine[:3, :3])) / 1e6
     print('%s: brain volume %.1f cm^3' % (PROG, litres * 1000), file=sys.stderr)
     if not 0.5 <= litres <= 2.5:
