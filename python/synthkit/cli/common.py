@@ -5,9 +5,11 @@ A tool's ``main(argv=None)`` builds its argparse parser, then runs its pipeline 
 into one line on stderr and exit status 1.
 """
 
+import contextlib
 import json
 import os
 import sys
+import threading
 
 from .. import io
 from ..io import VolumeError
@@ -67,8 +69,33 @@ def run(prog, fn, *args, **kwargs):
 
 
 def warn(prog, text):
-    """One warning line on stderr."""
-    print('%s: warning: %s' % (prog, ' '.join(str(text).split())), file=sys.stderr)
+    """One warning line on stderr, or into the list of :func:`collect_warnings` while one is
+    open in this thread (a batch worker hands a scan's warnings back with its result)."""
+    line = ' '.join(str(text).split())
+    sink = getattr(_WARNINGS, 'sink', None)
+    if sink is not None:
+        sink.append(line)
+    else:
+        print('%s: warning: %s' % (prog, line), file=sys.stderr)
+
+
+_WARNINGS = threading.local()
+
+
+@contextlib.contextmanager
+def collect_warnings():
+    """Gather this thread's :func:`warn` lines and Python warnings into the list yielded,
+    instead of printing them."""
+    import warnings
+    lines, before = [], getattr(_WARNINGS, 'sink', None)
+    _WARNINGS.sink = lines
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('default')
+            yield lines
+        lines.extend(' '.join(str(w.message).split()) for w in caught)
+    finally:
+        _WARNINGS.sink = before
 
 
 def check_outputs(inputs, outputs):

@@ -129,8 +129,7 @@ def segment_one(seg, args, inp, out, post_path, res_path):
         crop = args.crop * 3 if len(args.crop) == 1 else args.crop
     _check_geometry(vol, crop)
     if vol.nframes > 1:
-        print('%s: warning: %s has %d frames; segmenting the first' % (PROG, inp, vol.nframes),
-              file=sys.stderr)
+        common.warn(PROG, '%s has %d frames; segmenting the first' % (inp, vol.nframes))
         vol = vol.frame(0)
     data = np.asarray(vol.data, np.float32)
     if args.ct:

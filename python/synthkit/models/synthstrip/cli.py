@@ -58,47 +58,60 @@ def strip(args):
         if path:
             io.check_writable(path, ('.png',) if flag == '--png' else io.SUPPORTED)
     vol = io.load_volume(args.image)
-    fill_dtype = np.asarray(vol.data).dtype
-    if args.out and fill_dtype.kind in 'iub':
-        info = np.iinfo(fill_dtype) if fill_dtype.kind != 'b' else None
-        if info is not None and float(args.fill).is_integer() and \
-                not info.min <= args.fill <= info.max:
-            raise common.ToolError('--fill %g does not fit the %s voxels of %s (%d to %d)'
-                                   % (args.fill, fill_dtype, args.image, info.min, info.max))
+    if args.out:
+        check_fill(vol, args.fill)
     if args.threads:
         common.set_threads(args.threads)
     if not args.gpu:
         common.hide_gpus()
-    from .inference import Stripper, brain_mask   # TensorFlow: once the inputs are known good
+    from .inference import Stripper   # TensorFlow: once the inputs are known good
     net = Stripper(weights, card)
+    litres = strip_one(net, vol, args.out, args.mask, args.sdt, border=args.border,
+                       fill=args.fill, png=common.png_beside(outputs[0]) if args.png else None,
+                       progress=True)
+    print('%s: brain volume %.1f cm^3' % (PROG, litres * 1000), file=sys.stderr)
+    return 0
 
+
+def check_fill(vol, fill):
+    """Refuse a --fill value that the input's integer voxels cannot hold."""
+    fill_dtype = np.asarray(vol.data).dtype
+    if fill_dtype.kind in 'iu' and float(fill).is_integer():
+        info = np.iinfo(fill_dtype)
+        if not info.min <= fill <= info.max:
+            raise common.ToolError('--fill %g does not fit the %s voxels of %s (%d to %d)'
+                                   % (fill, fill_dtype, vol.path, info.min, info.max))
+
+
+def strip_one(net, vol, out=None, mask_path=None, sdt_path=None, border=1, fill=0, png=None,
+              progress=False):
+    """Strip one loaded volume (every frame) and write the outputs given; returns the brain
+    volume in litres (first frame), after warning if it is implausible."""
+    from .inference import brain_mask
     frames = [vol.frame(f) for f in range(vol.nframes)] if vol.nframes > 1 else [vol]
     masks, sdts = [], []
-    for frame in common.progress(frames, 'stripping', disable=len(frames) == 1):
+    for frame in common.progress(frames, 'stripping', disable=not progress or len(frames) == 1):
         sdt, image_net, sdt_net = net.distance(frame.data, frame.affine)
-        masks.append(brain_mask(sdt, args.border))
+        masks.append(brain_mask(sdt, border))
         sdts.append(sdt.astype(np.float32))
     stack = (lambda xs: np.stack(xs, -1)) if vol.nframes > 1 else (lambda xs: xs[0])
     mask = stack(masks)
-    if args.out:
+    if out:
         data = np.asarray(vol.data)
-        dtype = data.dtype if float(args.fill).is_integer() else np.float32
-        io.save_volume(np.where(mask, data, args.fill).astype(dtype), vol.affine, args.out,
-                       like=vol)
-    if args.mask:
-        io.save_volume(mask.astype(np.uint8), vol.affine, args.mask, like=vol)
-    if args.sdt:
-        io.save_volume(stack(sdts), vol.affine, args.sdt, like=vol)
-    if args.png:
+        dtype = data.dtype if float(fill).is_integer() else np.float32
+        io.save_volume(np.where(mask, data, fill).astype(dtype), vol.affine, out, like=vol)
+    if mask_path:
+        io.save_volume(mask.astype(np.uint8), vol.affine, mask_path, like=vol)
+    if sdt_path:
+        io.save_volume(stack(sdts), vol.affine, sdt_path, like=vol)
+    if png:
         from ... import qc
-        qc.save_png(qc.montage(image_net, np.where(sdt_net < args.border, 12, 0)),
-                    common.png_beside(outputs[0]))
+        qc.save_png(qc.montage(image_net, np.where(sdt_net < border, 12, 0)), png)
     litres = masks[0].sum() * abs(np.linalg.det(vol.affine[:3, :3])) / 1e6
-    print('%s: brain volume %.1f cm^3' % (PROG, litres * 1000), file=sys.stderr)
     if not 0.5 <= litres <= 2.5:
         common.warn(PROG, '%s: implausible brain volume %.2f L (expected 0.5-2.5 L): is it a '
-                    'head MRI?' % (args.image, litres))
-    return 0
+                    'head MRI?' % (vol.path, litres))
+    return float(litres)
 
 
 def main(argv=None):
