@@ -8,7 +8,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # TensorFlow enables them by default only on some Intel CPUs
 export TF_ENABLE_ONEDNN_OPTS ?= 1
 
-.PHONY: install test test-all demo bench bench-synth bench-synthseg bench-synthstrip bench-synthmorph \
+.PHONY: install test test-all demo bench bench-synth bench-synthseg bench-synthstrip bench-synthmorph bench-batch \
         train-synthseg train-synthstrip train-synthmorph clean
 
 install: $(VENV)/.installed
@@ -31,13 +31,19 @@ test-all: install
 demo: install
 	$(PY) scripts/demo.py --out demo --cache .cache
 
-bench: bench-synth bench-synthseg bench-synthstrip bench-synthmorph
+bench: bench-synth bench-synthseg bench-synthstrip bench-synthmorph bench-batch
 
 bench-synth: install
 	$(PY) scripts/bench_synth.py --labels $(DATA)/label_maps --out docs/bench_synth.md
 
 bench-synthseg: install
 	$(PY) scripts/bench_synthseg.py --data $(DATA)/dev_eval --out docs/bench_synthseg.md
+
+# synthkit-batch (2 workers x 1 thread) against a shell loop of mri_synthseg on 20 scans (5 dev,
+# 15 made by mri_synth, cached in .cache/bench_batch), then a run killed halfway and resumed
+bench-batch: install
+	$(PY) scripts/bench_batch.py --data $(DATA)/dev_eval --labels $(DATA)/label_maps \
+	    --work .cache/bench_batch --out docs/bench_batch.md
 
 # Skull stripping vs Colin27 (BET, Debian mricron-data, fetched into .cache/mricron) and ixi002
 # (HD-BET), side by side with deepbet; registration side by side with ANTs SyN (antspyx). Both
