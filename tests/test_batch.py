@@ -255,6 +255,7 @@ def test_dry_run_prints_the_slurm_job_script(tmp, capsys):
 ])
 def test_refusals_are_one_line(tmp, capsys, argv, message):
     import dask
+    import distributed  # noqa: F401  (its defaults first: the set() below would undo them)
     study = _study(os.path.join(tmp, 'study'), n=1, corrupt=False)
     with pytest.raises(SystemExit) as e, \
             dask.config.set({'distributed.comm.timeouts.connect': '2s'}):

@@ -32,6 +32,7 @@ def configure(config_file=None):
     YAML file of Dask settings (e.g. ``jobqueue:`` defaults) on top of Dask's own files
     (``~/.config/dask/*.yaml``, ``$DASK_CONFIG``)."""
     import dask
+    import distributed  # noqa: F401  (loads Dask's distributed.* defaults before ours)
     if config_file:
         import yaml
         try:
