@@ -9,7 +9,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 export TF_ENABLE_ONEDNN_OPTS ?= 1
 
 .PHONY: install test test-all demo bench bench-synth bench-synthseg bench-synthstrip bench-synthmorph bench-batch \
-        train-synthseg train-synthstrip train-synthmorph clean
+        train-synthseg train-synthstrip train-synthmorph check-itk clean
 
 install: $(VENV)/.installed
 
@@ -65,6 +65,11 @@ bench-synthmorph: install
 	$(PY) scripts/bench_synthmorph.py --data $(DATA)/dev_eval \
 	    --ants-python $(BENCH_VENV)/bin/python --out docs/bench_synthmorph.md \
 	    --card-affine models/synthmorph_affine.json --card-deform models/synthmorph_deform.json
+
+# Our transforms read by ANTs and ANTs' read by us (antspyx from the benchmark venv).
+check-itk: install
+	$(MAKE) --no-print-directory $(BENCH_VENV)/.installed
+	$(PY) scripts/check_itk_interop.py --ants-python $(BENCH_VENV)/bin/python
 
 .PHONY: .venv-bench
 .venv-bench: $(BENCH_VENV)/.installed

@@ -281,6 +281,39 @@ def test_register_affine_lta_is_symmetric_and_header_only_keeps_voxels(models, p
     assert np.isfinite(r).all()
 
 
+def test_register_writes_itk_transforms(models, pair, tmp, capsys):
+    """-t/-T as ITK affine files (.txt, .mat) equal to the LTA; --itk fields in ITK's layout
+    equal to ours; an ITK matrix as -i; --itk refuses .mgz."""
+    m, f = pair
+    out = lambda name: os.path.join(tmp, name)  # noqa: E731
+    assert _call(['register', m, f, '-m', 'affine', '-w', models[0], '-t', out('a.lta'),
+                  '-T', out('a_inv.txt')]) == 0
+    assert _call(['register', m, f, '-m', 'affine', '-w', models[0], '-t', out('a.mat')]) == 0
+    a = transforms.read_lta(out('a.lta')).matrix
+    np.testing.assert_allclose(transforms.load_transform(out('a.mat')).matrix, a, atol=1e-6)
+    np.testing.assert_allclose(transforms.load_transform(out('a_inv.txt')).matrix @ a, np.eye(4),
+                               atol=1e-6)
+    assert _call(['register', m, f, '-m', 'rigid', '-w', models[0], '-i', out('a.mat'),
+                  '-t', out('r.txt')]) == 0
+    assert np.isfinite(transforms.load_transform(out('r.txt')).matrix).all()
+    # deformable: --itk field and our field, from the same (deterministic) registration
+    base = ['register', m, f, '-m', 'deform', '-w', models[1], '-j', '1']
+    assert _call(base + ['-t', out('w.nii.gz')]) == 0
+    assert _call(base + ['--itk', '-t', out('w_itk.nii.gz'), '-o', out('moved.nii.gz')]) == 0
+    img = nib.load(out('w_itk.nii.gz'))
+    assert img.shape == nib.load(f).shape + (1, 3)
+    assert int(img.header['intent_code']) == transforms.NIFTI_INTENT_VECTOR
+    np.testing.assert_allclose(transforms.read_warp(out('w_itk.nii.gz')).disp,
+                               transforms.read_warp(out('w.nii.gz')).disp, atol=1e-4)
+    assert _call(['apply', out('w_itk.nii.gz'), m, out('moved2.nii.gz')]) == 0
+    np.testing.assert_allclose(nib.load(out('moved2.nii.gz')).get_fdata(),
+                               nib.load(out('moved.nii.gz')).get_fdata(), atol=1e-3)
+    capsys.readouterr()
+    assert _call(base + ['--itk', '-t', out('w.mgz')]) == 2
+    assert '--itk fields are NIfTI' in capsys.readouterr().err
+    assert not os.path.exists(out('w.mgz'))
+
+
 def test_register_refuses_bad_outputs_and_multiframe(models, pair, tmp, capsys):
     m, f = pair
     assert _call(['register', m, f, '-m', 'deform', '-w', models[1], '-t',

@@ -92,10 +92,13 @@ def stem(path):
     return split_ext(os.path.basename(os.fspath(path)))[0]
 
 
-def load_volume(path, allow_empty=False):
+def load_volume(path, allow_empty=False, vector=False):
     """Read a 3-D or 4-D image, checking that it is usable.
 
-    Trailing singleton dimensions beyond the third are dropped, so (X, Y, Z, 1) is 3-D. The data
+    Trailing singleton dimensions beyond the third are dropped, so (X, Y, Z, 1) is 3-D. With
+    ``vector``, the NIfTI layout of vector images (ITK's displacement fields: 5-D, X x Y x Z x
+    1 x C, the 4th dimension being time) is read as 4-D (X, Y, Z, C); ``Volume.header`` tells
+    which layout the file had (``header['dim'][0] == 5``). The data
     keep their stored dtype, in native byte order (scaled NIfTI data come back as floats, as
     nibabel applies the scale). The file is remembered so that :func:`save_volume` never writes
     over it.
@@ -128,6 +131,8 @@ def load_volume(path, allow_empty=False):
     if not data.dtype.isnative:  # MGH is big-endian: same type, native byte order
         data = data.astype(data.dtype.newbyteorder('='))
 
+    if vector and data.ndim == 5 and data.shape[3] == 1:
+        data = data[:, :, :, 0, :]
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim < 3:
@@ -290,6 +295,19 @@ def save_text(text, path):
         raise
 
 
+def save_bytes(data, path):
+    """Write ``data`` (bytes) to ``path`` atomically."""
+    tmp = _reserve_temp(path)
+    try:
+        with open(tmp, 'wb') as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def save_csv(path, header, rows):
     """Write a CSV table (a header row, then ``rows``) atomically."""
     import csv
@@ -352,6 +370,21 @@ def save_volume(data, affine, path, like=None, lut=None, dtype=None):
                 raw += _ctab_tag(lut)
             with open(tmp, 'wb') as f:
                 f.write(gzip.compress(raw, compresslevel=6) if ext == '.mgz' else raw)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_image(img, path):
+    """Write a nibabel image (e.g. a NIfTI whose header was set by hand) atomically."""
+    path = os.fspath(path)
+    if os.path.realpath(path) in _INPUTS:
+        raise VolumeError(path, 'refusing to overwrite an input file')
+    tmp = _reserve_temp(path)
+    try:
+        nib.save(img, tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -443,27 +443,156 @@ def write_lta(transform, path, lta_type=LINEAR_RAS_TO_RAS):
 # displacement fields
 
 def read_warp(path):
-    """Read a displacement field image (X, Y, Z, 3), world RAS mm on the fixed grid.
+    """Read a displacement field image, world mm on the fixed grid, into a :class:`Transform`.
 
-    Any image format of :func:`io.load_volume`; the image's own grid is the transform's target.
+    Two layouts are read (any image format of :func:`io.load_volume` for the first):
+
+    - ours and FreeSurfer's (``mri_synthmorph``): (X, Y, Z, 3), displacements in RAS mm;
+    - ITK's / ANTs' (``antsRegistration``'s ``*Warp.nii.gz``, Slicer, :func:`write_itk_warp`):
+      NIfTI (X, Y, Z, 1, 3), intent vector, displacements in LPS mm (converted to RAS).
+
+    Both pull: the moving-world point of fixed voxel ``v`` is ``affine @ v + disp[v]``.
     Raises :class:`io.VolumeError` for an unreadable image and :class:`TransformError` for
     one that is not a 3-component field.
     """
-    vol = io.load_volume(path, allow_empty=True)  # the identity warp is all zeros
+    vol = io.load_volume(path, allow_empty=True, vector=True)  # identity: all zeros
     if vol.data.ndim != 4 or vol.data.shape[3] != 3:
-        raise TransformError(path, 'not a displacement field: expected shape (X, Y, Z, 3), got '
-                             '%s' % (vol.data.shape,))
-    if vol.data.dtype.kind == 'c':
-        raise TransformError(path, 'not a displacement field: complex values')
-    return Transform(disp=vol.data, target=Geometry(vol.shape3, vol.affine, vol.path),
+        raise TransformError(path, 'not a displacement field: expected shape (X, Y, Z, 3) or '
+                             'ITK\'s (X, Y, Z, 1, 3), got %s' % (vol.data.shape,))
+    disp = vol.data
+    if is_itk_layout(vol.header):
+        disp = np.asarray(disp, np.float32) * _LPS
+    return Transform(disp=disp, target=Geometry(vol.shape3, vol.affine, vol.path),
                      path=vol.path)
 
 
-def write_warp(transform, path):
-    """Save a transform as a float32 displacement image (X, Y, Z, 3) on its target grid,
-    atomically (:func:`io.save_volume`). A matrix is written as its equivalent field."""
+#: RAS <-> LPS for displacement vectors (ITK works in LPS physical space).
+_LPS = np.array([-1.0, -1.0, 1.0], np.float32)
+NIFTI_INTENT_VECTOR = 1007
+
+
+def is_itk_layout(header):
+    """True for a NIfTI header of ITK's vector layout: 5 dimensions, the 4th (time) of 1."""
+    try:
+        dim = header['dim']
+        return int(dim[0]) == 5 and int(dim[4]) == 1
+    except (KeyError, TypeError, ValueError, IndexError):
+        return False
+
+
+def write_warp(transform, path, itk=False):
+    """Save a transform as a float32 displacement image on its target grid, atomically. A
+    matrix is written as its equivalent field.
+
+    ``itk=False``: (X, Y, Z, 3), RAS mm (FreeSurfer's ``mri_synthmorph`` layout), any format of
+    :data:`io.SUPPORTED`. ``itk=True``: ITK's displacement field, as ``antsApplyTransforms -t``,
+    ITK-SNAP and 3D Slicer read it: NIfTI (.nii/.nii.gz) of shape (X, Y, Z, 1, 3), intent code
+    1007 (vector), displacements in LPS mm, qform and sform the fixed grid's affine."""
     warp = transform.as_warp()
-    io.save_volume(warp.disp, warp.target.affine, path, dtype=np.float32)
+    if not itk:
+        io.save_volume(warp.disp, warp.target.affine, path, dtype=np.float32)
+        return
+    write_itk_warp(warp, path)
+
+
+def write_itk_warp(transform, path):
+    """The ITK/ANTs displacement field of ``transform`` (see :func:`write_warp`)."""
+    import nibabel as nib
+    path = os.fspath(path)
+    if io.split_ext(path)[1].lower() not in ('.nii', '.nii.gz'):
+        raise TransformError(path, 'an ITK displacement field is a NIfTI file (.nii, .nii.gz)')
+    warp = transform.as_warp()
+    affine = io.check_affine(warp.target.affine, path)
+    data = (warp.disp.astype(np.float32) * _LPS)[:, :, :, None, :]
+    header = nib.Nifti1Header()
+    header.set_xyzt_units('mm', 'sec')
+    img = nib.Nifti1Image(data, affine, header=header)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_intent(NIFTI_INTENT_VECTOR, (), name='')
+    img.set_data_dtype(np.float32)
+    io.save_image(img, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# ITK / ANTs matrices
+
+#: Extensions of ITK affine transform files: text (``#Insight Transform File V1.0``) and the
+#: MATLAB v4 files of antsRegistration (``0GenericAffine.mat``).
+ITK_MATRIX_EXTS = ('.txt', '.tfm', '.mat')
+_FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])          # RAS <-> LPS, points
+
+
+def _itk_matrix(transform):
+    """ITK's 4x4 (LPS, fixed point -> moving point) of a moving-to-fixed RAS matrix."""
+    return _FLIP @ np.linalg.inv(transform.matrix) @ _FLIP
+
+
+def _from_itk(lps, path):
+    return Transform(_FLIP @ np.linalg.inv(lps) @ _FLIP, path=path)
+
+
+def write_itk_affine(transform, path):
+    """Save a matrix transform as an ITK ``AffineTransform_double_3_3``, atomically: text for
+    ``.txt``/``.tfm``, MATLAB v4 for ``.mat`` (as antsRegistration writes). ITK maps points of
+    the fixed space to the moving space, in LPS mm, so this is the inverse of our RAS matrix,
+    with both sides flipped; the centre (``FixedParameters``) is 0. ``antsApplyTransforms -t``,
+    Slicer and ITK-SNAP read it; no grid is stored."""
+    path = os.fspath(path)
+    if transform.is_warp:
+        raise TransformError(path, 'an ITK affine file holds a matrix, not a displacement field')
+    m = _itk_matrix(transform)
+    params = list(m[:3, :3].ravel()) + list(m[:3, 3])
+    if path.lower().endswith('.mat'):
+        import io as _io
+        from scipy.io import savemat
+        buf = _io.BytesIO()
+        savemat(buf, {'AffineTransform_double_3_3': np.array(params, np.float64)[:, None],
+                      'fixed': np.zeros((3, 1))}, format='4')
+        io.save_bytes(buf.getvalue(), path)
+        return
+    io.save_text('#Insight Transform File V1.0\n#Transform 0\n'
+                 'Transform: AffineTransform_double_3_3\n'
+                 'Parameters: %s\nFixedParameters: 0 0 0\n'
+                 % ' '.join(repr(float(v)) for v in params), path)
+
+
+def read_itk_affine(path):
+    """Read an ITK affine/rigid transform file (text or antsRegistration's .mat) as a matrix
+    :class:`Transform` (moving-to-fixed RAS, no grids). Raises :class:`TransformError`."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise TransformError(path, 'file not found')
+    try:
+        if path.lower().endswith('.mat'):
+            from scipy.io import loadmat
+            mat = loadmat(path)
+            key = next((k for k in mat if not k.startswith('__') and k != 'fixed'), None)
+            if key is None:
+                raise ValueError('no transform in the file')
+            params, fixed = np.ravel(mat[key]), np.ravel(mat.get('fixed', np.zeros(3)))
+        else:
+            fields = {}
+            with open(path) as f:
+                for line in f:
+                    if ':' in line and not line.startswith('#'):
+                        k, v = line.split(':', 1)
+                        fields.setdefault(k.strip(), v.split())
+            kind = fields.get('Transform', ['?'])[0]
+            if not kind.startswith(('AffineTransform', 'MatrixOffsetTransformBase')):
+                raise ValueError('unsupported ITK transform %s (affine transforms only)' % kind)
+            params = np.array(fields['Parameters'], np.float64)
+            fixed = np.array(fields.get('FixedParameters', [0, 0, 0]), np.float64)
+        if params.size != 12 or fixed.size != 3 or not np.isfinite(params).all():
+            raise ValueError('expected 12 parameters and a 3-D centre')
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TransformError(path, 'not a readable ITK affine transform (%s)'
+                             % ' '.join(str(e).split())) from None
+    a = params[:9].reshape(3, 3)
+    lps = np.eye(4)
+    lps[:3, :3] = a
+    lps[:3, 3] = params[9:] + fixed - a @ fixed
+    return _from_itk(lps, path)
 
 
 def load_transform(path):
@@ -473,12 +602,15 @@ def load_transform(path):
     path = os.fspath(path)
     if path.lower().endswith('.lta'):
         return read_lta(path)
+    if path.lower().endswith(ITK_MATRIX_EXTS):
+        return read_itk_affine(path)
     if io.split_ext(path)[1]:
         return read_warp(path)
     if not os.path.exists(path):
         raise TransformError(path, 'file not found')
-    raise TransformError(path, 'unsupported transform file type (expected .lta or a '
-                         'displacement image: %s)' % ', '.join(io.SUPPORTED))
+    raise TransformError(path, 'unsupported transform file type (expected .lta, an ITK affine '
+                         '%s, or a displacement image: %s)'
+                         % ('/'.join(ITK_MATRIX_EXTS), ', '.join(io.SUPPORTED)))
 
 
 # ---------------------------------------------------------------------------------------------

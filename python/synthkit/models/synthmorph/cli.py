@@ -41,7 +41,13 @@ Align a moving image to a fixed image, of any contrast and resolution, skull-str
 Transforms (-t, -T) are saved as FreeSurfer LTA matrices (.lta) for rigid and affine, and as
 displacement field images in world RAS mm on the fixed grid (.nii.gz, .mgz, ...) for deform
 and joint; a matrix may also be saved as a displacement image. 'apply' reads both, as do
-FreeSurfer's tools for LTAs."""
+FreeSurfer's tools for LTAs.
+
+For ITK-based tools (ANTs, 3D Slicer, ITK-SNAP): a matrix given a .txt, .tfm or .mat path is
+saved as an ITK AffineTransform (text; .mat as antsRegistration's MATLAB file), and --itk saves
+displacement fields in ITK's layout (NIfTI, X x Y x Z x 1 x 3, intent vector, LPS mm), which
+antsApplyTransforms -t and Slicer read as they are. docs/mri_synthmorph.md gives the
+conventions."""
 
 APPLY = """\
 Resample each input image through a transform saved by 'register' (-t or -T), or by FreeSurfer
@@ -56,6 +62,10 @@ Transforms go from the moving to the fixed image, as in FreeSurfer:
   image        displacement field (X, Y, Z, 3) in world RAS mm on the fixed grid (.nii, .nii.gz,
                .mgz, .mgh): fixed voxel v is taken from the moving-world point
                vox2ras(v) + disp[v]; the output takes the field's grid
+               An ITK/ANTs field (NIfTI X x Y x Z x 1 x 3, LPS mm: antsRegistration's
+               *Warp.nii.gz, register --itk) is read too, converted to RAS
+  .txt .tfm    ITK affine transform (text, or antsRegistration's *GenericAffine.mat): fixed to
+  .mat         moving points in LPS, as ITK defines it; the output keeps the input's grid
 
 Inputs need not be the registered image itself: any image in the same world space (another
 contrast, a label map with -m nearest) is placed by its own vox2ras matrix. Multi-frame images
@@ -92,7 +102,8 @@ def build_parser():
     r.add_argument('-t', '--trans', metavar='FILE',
                    help='save the transform from moving to fixed space')
     r.add_argument('-T', '--inverse', metavar='FILE', help='save the inverse transform')
-    r.add_argument('-i', '--init', metavar='FILE', help='initial matrix transform')
+    r.add_argument('-i', '--init', metavar='FILE',
+                   help='initial matrix transform (.lta, or ITK .txt/.tfm/.mat)')
     r.add_argument('-j', '--threads', metavar='N', type=int, help='number of CPU threads')
     r.add_argument('-g', '--gpu', action='store_true', help='run on the GPU')
     r.add_argument('-r', '--regularization', metavar='LAMBDA', type=float, default=0.5,
@@ -108,6 +119,9 @@ def build_parser():
     r.add_argument('-w', '--weights', metavar='FILE', action='append',
                    help='alternative model weights, once per model (joint: affine, deform)')
     r.add_argument('-v', '--verbose', action='store_true', help='print more information')
+    r.add_argument('--itk', action='store_true',
+                   help='(SynthKit) save -t/-T displacement fields in ITK/ANTs layout (NIfTI '
+                        'X x Y x Z x 1 x 3, LPS), for antsApplyTransforms and 3D Slicer')
     r.add_argument('--png', action='store_true',
                    help='(SynthKit) save a QC picture beside the first output: the fixed image, '
                         'the moved image and a checkerboard of both, in three orthogonal slices')
@@ -115,7 +129,8 @@ def build_parser():
 
     a = sub.add_parser('apply', help='apply a transform to images', description=APPLY,
                        formatter_class=raw)
-    a.add_argument('trans', help='transform file: .lta matrix or displacement field image')
+    a.add_argument('trans', help='transform file: .lta or ITK (.txt, .tfm, .mat) matrix, or '
+                                 'displacement field image (ours or ITK/ANTs)')
     a.add_argument('images', nargs='+', metavar='IMAGE',
                    help='pairs of paths: input output [input output ...]')
     a.add_argument('-H', '--header-only', action='store_true',
@@ -155,13 +170,17 @@ def check_register(args):
     if args.weights and len(args.weights) != len(MODELS[args.model]):
         return '-w: model %s needs %d weight file(s)' % (args.model, len(MODELS[args.model]))
     deformable = args.model in ('deform', 'joint')
+    matrix_exts = ('.lta',) + transforms.ITK_MATRIX_EXTS
     for flag, path in (('-t', args.trans), ('-T', args.inverse)):
-        if path and deformable and path.lower().endswith('.lta'):
+        if path and deformable and path.lower().endswith(matrix_exts):
             return '%s: a %s transform is a displacement field: give an image path (%s), not ' \
-                   '.lta' % (flag, args.model, ', '.join(io.SUPPORTED))
-        if path and not deformable and not path.lower().endswith(('.lta',) + io.SUPPORTED):
-            return '%s: save a matrix as .lta (or a displacement image: %s)' \
-                   % (flag, ', '.join(io.SUPPORTED))
+                   'a matrix file' % (flag, args.model, ', '.join(io.SUPPORTED))
+        if path and not deformable and not path.lower().endswith(matrix_exts + io.SUPPORTED):
+            return '%s: save a matrix as .lta, an ITK .txt/.tfm/.mat (or a displacement ' \
+                   'image: %s)' % (flag, ', '.join(io.SUPPORTED))
+        if path and args.itk and io.split_ext(path)[1].lower() in ('.mgz', '.mgh'):
+            return '%s: --itk fields are NIfTI (.nii, .nii.gz), not %s' \
+                   % (flag, io.split_ext(path)[1])
     return None
 
 
@@ -195,8 +214,8 @@ def register(args):
                          flagged)
     for flag, path in flagged:
         if path:
-            io.check_writable(path, {'-t': ('.lta',) + io.SUPPORTED,
-                                     '-T': ('.lta',) + io.SUPPORTED,
+            trans_exts = ('.lta',) + transforms.ITK_MATRIX_EXTS + io.SUPPORTED
+            io.check_writable(path, {'-t': trans_exts, '-T': trans_exts,
                                      '--png': ('.png',)}.get(flag, io.SUPPORTED))
     mov = io.load_volume(args.moving)
     fix = io.load_volume(args.fixed)
@@ -205,7 +224,8 @@ def register(args):
     if args.init:
         t = transforms.load_transform(args.init)
         if t.is_warp:
-            raise common.ToolError('%s: -i needs a matrix transform (.lta)' % args.init)
+            raise common.ToolError('%s: -i needs a matrix transform (.lta, .txt, .tfm, .mat)'
+                                   % args.init)
         init = t.matrix
     if args.threads:
         common.set_threads(args.threads)
@@ -253,8 +273,10 @@ def register(args):
             continue
         if path.lower().endswith('.lta'):
             transforms.write_lta(trans, path)
+        elif path.lower().endswith(transforms.ITK_MATRIX_EXTS):
+            transforms.write_itk_affine(trans, path)
         else:
-            transforms.write_warp(trans, path)
+            transforms.write_warp(trans, path, itk=args.itk)
     moved = None
     for trans, vol, path in ((fwd, mov, args.out_moving), (inv, fix, args.out_fixed)):
         if not path:
@@ -297,8 +319,9 @@ def apply(args):
     common.check_outputs([args.trans] + [i for i, _ in pairs], [('output', o) for _, o in pairs])
 
     if not trans.is_warp and trans.target is None:
-        common.warn(PROG, '%s: the LTA has no valid destination volume info; outputs take '
-                    'each input\'s own grid' % args.trans)
+        what = 'an ITK matrix file stores no grid' if args.trans.lower().endswith(
+            transforms.ITK_MATRIX_EXTS) else 'the LTA has no valid destination volume info'
+        common.warn(PROG, '%s: %s; outputs take each input\'s own grid' % (args.trans, what))
     report = common.BatchReport(PROG)
     for inp, out in pairs:
         report.attempt(inp, apply_one, trans, inp, out, args.method, args.fill, args.type,
