@@ -54,6 +54,9 @@ def test_command_lines(env):
                                 trans='aff.lta')
     assert reg.cmdline == ('mri_synthmorph register T1.nii.gz T1.nii.gz -m affine '
                            '-o T1_moved.nii.gz -t aff.lta')
+    reg = ni.SynthMorphRegister(moving='T1.nii.gz', fixed='T1.nii.gz', trans='w.nii.gz',
+                                itk=True, refine=True)
+    assert '--itk' in reg.cmdline.split() and '--refine' in reg.cmdline.split()
     open('aff.lta', 'w').close()
     app = ni.SynthMorphApply(trans='aff.lta', in_file='T1.nii.gz', method='nearest')
     assert app.cmdline == 'mri_synthmorph apply aff.lta T1.nii.gz T1_moved.nii.gz -m nearest'

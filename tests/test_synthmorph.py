@@ -149,11 +149,17 @@ def test_registrar_affine_and_rigid_are_symmetric(models, pair):
     reg = _registrar(models)
     m, f = (io.load_volume(p) for p in pair)
     mv, fv = (m.data, m.affine), (f.data, f.affine)
-    fwd, back = reg.affine(mv, fv), reg.affine(fv, mv)
-    assert np.allclose(fwd @ back, np.eye(4), atol=1e-3)
-    rigid = reg.affine(mv, fv, rigid=True)
-    assert np.allclose(rigid[:3, :3] @ rigid[:3, :3].T, np.eye(3), atol=1e-6)
-    assert np.allclose(rigid @ reg.affine(fv, mv, rigid=True), np.eye(4), atol=1e-3)
+    for check in ('off', 'check', 'refine'):
+        info = {}
+        fwd, back = reg.affine(mv, fv, check=check, info=info), reg.affine(fv, mv, check=check)
+        assert np.allclose(fwd @ back, np.eye(4), atol=1e-3), check
+        assert bool(info) == (check != 'off')
+        rigid = reg.affine(mv, fv, rigid=True, check=check)
+        assert np.allclose(rigid[:3, :3] @ rigid[:3, :3].T, np.eye(3), atol=1e-6)
+        assert np.allclose(rigid @ reg.affine(fv, mv, rigid=True, check=check), np.eye(4),
+                           atol=1e-3)
+    with pytest.raises(ValueError, match='check must be'):
+        reg.affine(mv, fv, check='maybe')
 
 
 def test_registrar_velocity_is_antisymmetric(models, pair):
@@ -262,11 +268,14 @@ def test_register_joint_writes_transforms_and_images(models, pair, tmp, capsys):
     assert np.median(np.linalg.norm(p + d - q, axis=1)) < 0.5
 
 
-def test_register_affine_lta_is_symmetric_and_header_only_keeps_voxels(models, pair, tmp):
+def test_register_affine_lta_is_symmetric_and_header_only_keeps_voxels(models, pair, tmp,
+                                                                       capsys):
     m, f = pair
     out = lambda name: os.path.join(tmp, name)  # noqa: E731
     assert _call(['register', m, f, '-m', 'affine', '-w', models[0], '-t', out('a.lta'),
-                  '-T', out('a_inv.lta'), '-o', out('moved.nii.gz'), '-H']) == 0
+                  '-T', out('a_inv.lta'), '-o', out('moved.nii.gz'), '-H', '-v']) == 0
+    said = capsys.readouterr().out
+    assert 'mutual information (NMI): headers' in said and 'kept the' in said
     assert _call(['register', f, m, '-m', 'affine', '-w', models[0], '-t', out('b.lta')]) == 0
     a, a_inv, b = (transforms.read_lta(out(n)) for n in ('a.lta', 'a_inv.lta', 'b.lta'))
     assert np.allclose(a.matrix @ b.matrix, np.eye(4), atol=1e-3)
@@ -276,7 +285,9 @@ def test_register_affine_lta_is_symmetric_and_header_only_keeps_voxels(models, p
     assert np.allclose(moved.affine, a.matrix @ nib.load(m).affine, atol=1e-4)
     # an initial matrix is composed in: registering from a.lta ends near a again
     assert _call(['register', m, f, '-m', 'rigid', '-w', models[0], '-i', out('a.lta'),
-                  '-t', out('r.lta')]) == 0
+                  '-t', out('r.lta'), '-v']) == 0
+    said = capsys.readouterr().out       # rigid: checked against -i's matrix, then refined
+    assert 'NMI): initial matrix' in said and 'refined to' in said
     r = transforms.read_lta(out('r.lta')).matrix
     assert np.isfinite(r).all()
 
@@ -316,6 +327,11 @@ def test_register_writes_itk_transforms(models, pair, tmp, capsys):
 
 def test_register_refuses_bad_outputs_and_multiframe(models, pair, tmp, capsys):
     m, f = pair
+    for extra, message in ((['--refine', '--no-check'], 'exclude each other'),
+                           (['--refine', '--no-refine'], 'exclude each other'),
+                           (['-m', 'deform', '--refine'], 'no affine step')):
+        assert _call(['register', m, f, '-t', os.path.join(tmp, 'x.nii.gz')] + extra) == 2
+        assert message in capsys.readouterr().err
     assert _call(['register', m, f, '-m', 'deform', '-w', models[1], '-t',
                   os.path.join(tmp, 'x.lta')]) == 2
     capsys.readouterr()

@@ -283,20 +283,13 @@ def _remove_stale_temps(parent, base):
 
 
 def save_text(text, path):
-    """Write ``text`` to ``path`` atomically (temp file beside it, renamed into place)."""
-    tmp = _reserve_temp(path)
-    try:
-        with open(tmp, 'w', newline='\n') as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write ``text`` (UTF-8, ``\\n`` line ends) to ``path`` atomically."""
+    save_bytes(text.encode('utf-8'), path)
 
 
 def save_bytes(data, path):
-    """Write ``data`` (bytes) to ``path`` atomically."""
+    """Write ``data`` (bytes) to ``path`` atomically (temp file beside it, renamed into
+    place)."""
     tmp = _reserve_temp(path)
     try:
         with open(tmp, 'wb') as f:

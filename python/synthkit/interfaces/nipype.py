@@ -137,6 +137,11 @@ class SynthMorphRegisterInputSpec(CommandLineInputSpec):
     extent = traits.Enum(256, 192, argstr='-e %d', desc='network grid extent (mm)')
     threads = traits.Int(argstr='-j %d', desc='CPU threads')
     gpu = traits.Bool(argstr='-g', desc='run on the GPU')
+    refine = traits.Bool(argstr='--refine', desc='optimize the affine by mutual information')
+    no_refine = traits.Bool(argstr='--no-refine', desc='rigid: no mutual-information optimization')
+    no_check = traits.Bool(argstr='--no-check',
+                           desc="keep the affine network's matrix over the headers' alignment")
+    itk = traits.Bool(argstr='--itk', desc='displacement fields in ITK/ANTs layout')
 
 
 class SynthMorphRegisterOutputSpec(TraitedSpec):

@@ -93,9 +93,28 @@ class Registrar:
         pts = np.asarray(pts, np.float64)[0] + (np.asarray(shape) - 1) / 2   # grid voxels
         return (grid[:3, :3] @ pts.T + grid[:3, 3:]).T, np.asarray(mass, np.float64)[0]
 
-    def affine(self, moving, fixed, rigid=False):
+    def affine(self, moving, fixed, rigid=False, check='check', info=None):
         """4x4 RAS matrix moving -> fixed from ``(data, affine)`` pairs (3-D arrays). Symmetric:
-        swapping the inputs gives the inverse matrix (exactly, up to rounding)."""
+        swapping the inputs gives the inverse matrix (exactly, up to rounding).
+
+        ``check`` (:func:`refine.refine`): ``'check'`` keeps the network's matrix or the
+        identity (the images' own alignment), whichever has the higher mutual information;
+        ``'refine'`` then optimizes it (rigidly for ``rigid``, else rotation, translation and
+        scales); ``'off'``: the network's matrix as it is. ``info`` (a dict) receives the
+        objective's values and which start was kept."""
+        matrix = self._network_affine(moving, fixed, rigid)
+        if check == 'off':
+            return matrix
+        if check not in ('check', 'refine'):
+            raise ValueError("check must be 'off', 'check' or 'refine', got %r" % (check,))
+        from . import refine as _refine
+        matrix, found = _refine.refine(moving, fixed, matrix, kind='rigid' if rigid else
+                                       'similar', optimize=check == 'refine')
+        if info is not None:
+            info.update(found)
+        return matrix
+
+    def _network_affine(self, moving, fixed, rigid):
         pm, wm = self._points(*moving)
         pf, wf = self._points(*fixed)
         w = np.sqrt(wm * wf) + 1e-12
