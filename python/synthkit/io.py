@@ -287,18 +287,25 @@ def save_text(text, path):
     save_bytes(text.encode('utf-8'), path)
 
 
-def save_bytes(data, path):
-    """Write ``data`` (bytes) to ``path`` atomically (temp file beside it, renamed into
-    place)."""
+def _write_atomically(path, write):
+    """Call ``write(tmp)`` on a temp file beside ``path``, then rename it into place; the temp
+    file is removed if anything fails, so readers never see a partial file."""
     tmp = _reserve_temp(path)
     try:
-        with open(tmp, 'wb') as f:
-            f.write(data)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def save_bytes(data, path):
+    """Write ``data`` (bytes) to ``path`` atomically."""
+    def write(tmp):
+        with open(tmp, 'wb') as f:
+            f.write(data)
+    _write_atomically(path, write)
 
 
 def save_csv(path, header, rows):
@@ -353,21 +360,13 @@ def save_volume(data, affine, path, like=None, lut=None, dtype=None):
             for key in ('tr', 'flip_angle', 'te', 'ti'):
                 img.header[key] = header[key]
 
-    tmp = _reserve_temp(path)
-    try:
-        if ext in ('.nii', '.nii.gz'):
-            nib.save(img, tmp)
-        else:
-            raw = img.to_bytes()
-            if lut is not None:
-                raw += _ctab_tag(lut)
-            with open(tmp, 'wb') as f:
-                f.write(gzip.compress(raw, compresslevel=6) if ext == '.mgz' else raw)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    if ext in ('.nii', '.nii.gz'):
+        _write_atomically(path, lambda tmp: nib.save(img, tmp))
+        return
+    raw = img.to_bytes()
+    if lut is not None:
+        raw += _ctab_tag(lut)
+    save_bytes(gzip.compress(raw, compresslevel=6) if ext == '.mgz' else raw, path)
 
 
 def save_image(img, path):
@@ -375,14 +374,7 @@ def save_image(img, path):
     path = os.fspath(path)
     if os.path.realpath(path) in _INPUTS:
         raise VolumeError(path, 'refusing to overwrite an input file')
-    tmp = _reserve_temp(path)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    _write_atomically(path, lambda tmp: nib.save(img, tmp))
 
 
 def _cast(arr, dtype, mgh, path):

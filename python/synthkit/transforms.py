@@ -488,11 +488,11 @@ def write_warp(transform, path, itk=False):
     :data:`io.SUPPORTED`. ``itk=True``: ITK's displacement field, as ``antsApplyTransforms -t``,
     ITK-SNAP and 3D Slicer read it: NIfTI (.nii/.nii.gz) of shape (X, Y, Z, 1, 3), intent code
     1007 (vector), displacements in LPS mm, qform and sform the fixed grid's affine."""
-    warp = transform.as_warp()
-    if not itk:
-        io.save_volume(warp.disp, warp.target.affine, path, dtype=np.float32)
+    if itk:
+        write_itk_warp(transform, path)
         return
-    write_itk_warp(warp, path)
+    warp = transform.as_warp()
+    io.save_volume(warp.disp, warp.target.affine, path, dtype=np.float32)
 
 
 def write_itk_warp(transform, path):

@@ -242,9 +242,9 @@ def register(args):
         flagged.append(('--png', common.png_beside(next(p for _, p in flagged if p))))
     common.check_outputs([args.moving, args.fixed, args.init] + list(args.weights or []),
                          flagged)
+    trans_exts = ('.lta',) + transforms.ITK_MATRIX_EXTS + io.SUPPORTED
     for flag, path in flagged:
         if path:
-            trans_exts = ('.lta',) + transforms.ITK_MATRIX_EXTS + io.SUPPORTED
             io.check_writable(path, {'-t': trans_exts, '-T': trans_exts,
                                      '--png': ('.png',)}.get(flag, io.SUPPORTED))
     mov = io.load_volume(args.moving)
@@ -273,19 +273,16 @@ def register(args):
 
     matrix = init
     if affine_model is not None:
-        info = {}
+        info, check = {}, affine_check(args)
         step = reg.affine((mdata, init @ mov.affine), (fdata, fix.affine),
-                          rigid=args.model == 'rigid', info=info,
-                          check=affine_check(args))
+                          rigid=args.model == 'rigid', info=info, check=check)
         matrix = step @ init
         if info:
-            start = 'the network' if info['start'] == 'network' else \
-                'the initial matrix' if args.init else 'the headers'
-            say('mutual information (NMI): %s %.4f, network %.4f: kept %s%s'
-                % ('initial matrix' if args.init else 'headers', info['nmi_identity'],
-                   info['nmi_network'], start,
-                   ', refined to %.4f' % info['nmi_result']
-                   if affine_check(args) == 'refine' else ''))
+            own = 'initial matrix' if args.init else 'headers'
+            say('mutual information (NMI): %s %.4f, network %.4f: kept the %s%s'
+                % (own, info['nmi_identity'], info['nmi_network'],
+                   'network' if info['start'] == 'network' else own,
+                   ', refined to %.4f' % info['nmi_result'] if check == 'refine' else ''))
         say('%s matrix found (%.1f s)' % ('rigid' if args.model == 'rigid' else 'affine',
                                           time.time() - t0))
     src, dst = transforms.Geometry.of(mov), transforms.Geometry.of(fix)
