@@ -20,11 +20,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 test: install
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow" tests
 
 test-all: install
 	$(PY) -m pip install -q -e '.[dev,jax]'
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # The main jobs on a real scan (Colin27 from Debian's mricron-data, MNI152 from PyPI's nilearn,
 # fetched once into .cache/): segmentation, skull stripping, registration, QC pictures in demo/.

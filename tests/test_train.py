@@ -110,8 +110,8 @@ def test_run_resume_and_export(tiny_cfg, tmp_path):
 
 def test_resume_refuses_a_different_config(tiny_cfg, tmp_path):
     run = str(tmp_path / 'run')
-    tiny_cfg.steps = 1
-    trainer.Trainer(tiny_cfg, run, progress=False).run()
+    trainer.Trainer(tiny_cfg, run, progress=False)       # writes the run's config.json
+    assert os.path.exists(os.path.join(run, 'config.json'))
     other = TrainConfig(**{**tiny_cfg.__dict__, 'learning_rate': 0.5})
     with pytest.raises(ValueError, match='learning_rate'):
         trainer.Trainer(other, run, progress=False)
