@@ -8,7 +8,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # TensorFlow enables them by default only on some Intel CPUs
 export TF_ENABLE_ONEDNN_OPTS ?= 1
 
-.PHONY: install test test-all demo bench bench-synth bench-synthseg bench-synthstrip bench-synthmorph bench-batch \
+.PHONY: install test test-all demo bench bench-synth bench-synthseg bench-synthstrip bench-synthmorph bench-synthsr bench-batch \
         train-synthseg train-synthstrip train-synthmorph check-itk clean
 
 install: $(VENV)/.installed
@@ -31,13 +31,19 @@ test-all: install
 demo: install
 	$(PY) scripts/demo.py --out demo --cache .cache
 
-bench: bench-synth bench-synthseg bench-synthstrip bench-synthmorph bench-batch
+bench: bench-synth bench-synthseg bench-synthstrip bench-synthmorph bench-synthsr bench-batch
 
 bench-synth: install
 	$(PY) scripts/bench_synth.py --labels $(DATA)/label_maps --out docs/bench_synth.md
 
 bench-synthseg: install
 	$(PY) scripts/bench_synthseg.py --data $(DATA)/dev_eval --out docs/bench_synthseg.md
+
+# SynthSR outputs segmented by mri_synthseg (OASIS 1 mm / 1x1x5 / 5x1x1, ixi002 T2, CT-like),
+# similarity to the real T1, 256^3 timing; scores into the model card
+bench-synthsr: install
+	$(PY) scripts/bench_synthsr.py --data $(DATA)/dev_eval --out docs/bench_synthsr.md \
+	    --png docs/synthsr_montage.png --card models/synthsr.json
 
 # synthkit-batch (2 workers x 1 thread) against a shell loop of mri_synthseg on 20 scans (5 dev,
 # 15 made by mri_synth, cached in .cache/bench_batch), then a run killed halfway and resumed
@@ -87,7 +93,7 @@ $(BENCH_VENV)/.installed:
 
 # Resumes runs/NAME if present; STEPS sets the total (default: the preset's). INIT=models/NAME
 # starts from the shipped weights in a fresh clone.
-TRAIN_TASKS := synthseg synthstrip synthstrip_nocsf synthmorph_affine synthmorph_deform
+TRAIN_TASKS := synthseg synthstrip synthstrip_nocsf synthmorph_affine synthmorph_deform synthsr
 .PHONY: $(addprefix train-,$(TRAIN_TASKS))
 
 # A static pattern rule: make skips implicit rules for phony targets, so a plain `train-%`

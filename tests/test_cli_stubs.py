@@ -71,7 +71,7 @@ def test_help_describes_the_tool(main, sub, flags, capsys):
     assert 'usage: mri_' in out
     for flag in flags:
         assert flag in out
-    if main in (synthstrip.main, synthmorph.main, easyreg.main, easywarp.main):
+    if main in (synthstrip.main, synthmorph.main, easyreg.main, easywarp.main, synthsr.main):
         assert 'not yet' not in out        # real pipelines with shipped models
     else:
         assert 'not yet' in out

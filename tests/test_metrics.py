@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from synthkit import metrics
 
@@ -57,3 +58,17 @@ def test_centroid_offsets():
     pred = np.roll(ref, 1, axis=2)
     off = metrics.centroid_offsets(pred, ref, [3, 4])
     assert list(off) == [3] and np.allclose(off[3], [0, 0, 1])
+
+
+def test_correlation_and_ssim_of_images():
+    rng = np.random.default_rng(0)
+    a = ndimage.gaussian_filter(rng.random((20, 20, 20)), 2)
+    a = (a - a.min()) / (a.max() - a.min())
+    assert metrics.correlation(a, 3 * a + 1) == pytest.approx(1.0)
+    assert metrics.ssim(a, a) == pytest.approx(1.0)
+    noisy = np.clip(a + rng.normal(0, 0.2, a.shape), 0, 1)
+    mask = np.zeros(a.shape, bool)
+    mask[5:15, 5:15, 5:15] = True
+    assert 0 < metrics.ssim(a, noisy, mask) < 0.9
+    assert metrics.correlation(a, noisy, mask) < metrics.correlation(a, a, mask)
+    assert metrics.ssim(a, 1 - a) < 0

@@ -131,7 +131,8 @@ def label_classes(generation_labels=lab.GENERATION_LABELS, max_label=1024):
 class SynthGenerator(keras.layers.Layer):
     """Label maps (B, *src_shape, 1) int32 -> dict of synthetic 'image' (B, *shape, 1) float32
     in [0, 1] and deformed generation 'labels' (B, *shape, 1) int32, plus the source
-    'coords' (B, *shape, 3) each output voxel was sampled from (for registration targets).
+    'coords' (B, *shape, 3) each output voxel was sampled from (for registration targets), and
+    with ``params.fov_prob`` > 0 the 'fov' mask (B, *shape, 1) of the field of view kept.
 
     ``shape`` is the output grid (voxels of ``params.voxsize_mm``); the source is 1 mm.
     """
@@ -221,48 +222,69 @@ class SynthGenerator(keras.layers.Layer):
         image = self.resolution(image)
         image = self.normalize(ops.relu(image))
         image = self.normalize(self.gamma(image))
+        out = {'image': image, 'labels': labels, 'coords': coords}
         if self.params.fov_prob > 0:
-            image = image * fov
-        return {'image': image, 'labels': labels, 'coords': coords}
+            out['image'] = image * fov
+            out['fov'] = fov         # 1 inside the kept field of view
+        return out
 
     def get_config(self):
         return {**super().get_config(), 'shape': self.shape, 'params': self.params.to_dict(),
                 'seed': self.seed}
 
 
+def load_label_map(path):
+    """A label map file as (int16 labels, None): what :class:`LabelMapBank` reads by default."""
+    import nibabel as nib
+    data = np.asarray(nib.load(path).dataobj)
+    if data.ndim != 3:
+        raise ValueError('%s: label map must be 3-D' % path)
+    return data.astype(np.int16), None
+
+
 class LabelMapBank:
     """Label maps held in memory (int16), cropped to the head and padded to one shape.
 
     ``maps`` is a list of paths; ``margin`` voxels are kept around the labelled bounding box.
-    ``batch(n, rng)`` returns a random (n, *shape, 1) int32 batch.
+    ``batch(n, rng)`` returns a random (n, *shape, 1) int32 batch and the indices drawn.
+
+    ``loader(path)`` gives ``(labels, image)``; ``image`` is None or an array on the labels'
+    grid (e.g. the real T1 a label map was made from), cropped and padded with it into
+    ``images[i]`` (kept in its own dtype: uint8 T1s stay small).
     """
 
-    def __init__(self, paths, margin=8, min_shape=None):
-        import nibabel as nib
-        arrays, self.paths = [], list(paths)
+    def __init__(self, paths, margin=8, min_shape=None, loader=None):
+        loader = loader or load_label_map
+        arrays, images, self.paths = [], [], list(paths)
         for p in self.paths:
-            data = np.asarray(nib.load(p).dataobj).astype(np.int16)
-            if data.ndim != 3:
-                raise ValueError('%s: label map must be 3-D' % p)
+            data, image = loader(p)
             nz = np.argwhere(data > 0)
             lo = np.maximum(nz.min(0) - margin, 0)
             hi = np.minimum(nz.max(0) + margin + 1, data.shape)
-            arrays.append(data[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])
+            box = tuple(slice(a, b) for a, b in zip(lo, hi))
+            arrays.append(data[box])
+            images.append(None if image is None else image[box])
         shape = np.max([a.shape for a in arrays], axis=0)
         if min_shape is not None:
             shape = np.maximum(shape, min_shape)
         self.shape = tuple(int(n) for n in shape)
         self.maps = np.zeros((len(arrays), *self.shape), np.int16)
-        for i, a in enumerate(arrays):
+        self.images = []
+        for i, (a, image) in enumerate(zip(arrays, images)):
             off = [(s - n) // 2 for s, n in zip(self.shape, a.shape)]
-            self.maps[i, off[0]:off[0] + a.shape[0], off[1]:off[1] + a.shape[1],
-                      off[2]:off[2] + a.shape[2]] = a
+            box = tuple(slice(o, o + n) for o, n in zip(off, a.shape))
+            self.maps[(i,) + box] = a
+            if image is not None:
+                padded = np.zeros(self.shape, image.dtype)
+                padded[box] = image
+                image = padded
+            self.images.append(image)
 
     def __len__(self):
         return len(self.maps)
 
     def batch(self, n, rng, indices=None):
-        idx = rng.integers(0, len(self.maps), size=n) if indices is None else indices
+        idx = rng.integers(0, len(self.maps), size=n) if indices is None else np.asarray(indices)
         return self.maps[idx][..., None].astype(np.int32), idx
 
 

@@ -1,5 +1,5 @@
-"""Overlap and distance measures between label maps and masks (numpy), shared by training
-validation, the tools' tests and the benchmark scripts."""
+"""Overlap and distance measures between label maps and masks, and image similarity (numpy),
+shared by training validation, the tools' tests and the benchmark scripts."""
 
 import numpy as np
 from scipy import ndimage
@@ -69,3 +69,29 @@ def centroid_offsets(pred, ref, labels, min_voxels=1):
         if a.sum() >= min_voxels and b.sum() >= min_voxels:
             out[int(k)] = np.array(ndimage.center_of_mass(a)) - np.array(ndimage.center_of_mass(b))
     return out
+
+
+def correlation(a, b, mask=None):
+    """Pearson correlation of two images (inside ``mask``, if given)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if mask is not None:
+        a, b = a[mask], b[mask]
+    a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
+    denom = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denom) if denom > 0 else 0.0
+
+
+def ssim(a, b, mask=None, sigma=1.5, data_range=1.0):
+    """Mean structural similarity (Wang et al. 2004, Gaussian window of ``sigma`` voxels) of two
+    images on one grid, averaged over ``mask`` (all voxels if None). Scale both to a common
+    range first (``data_range``: that range)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    blur = lambda x: ndimage.gaussian_filter(x, sigma)  # noqa: E731
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a ** 2
+    var_b = blur(b * b) - mu_b ** 2
+    cov = blur(a * b) - mu_a * mu_b
+    s = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
+    s /= (mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2)
+    return float(s[mask].mean() if mask is not None else s.mean())

@@ -134,6 +134,10 @@ class Task:
         return bare
 
     # -------------------------------------------------------------------------------- data
+    def make_bank(self, paths):
+        """The in-memory training (or held-out) data of ``paths``."""
+        return gen.LabelMapBank(paths)
+
     def make_sampler(self, seed):
         params = gen.GeneratorParams.from_dict(self.cfg.generator)
         return gen.PairSampler(gen.SynthGenerator(self.cfg.shape, params, seed=seed), seed=seed)
@@ -173,7 +177,7 @@ class Task:
         """Fixed synthetic pairs from the held-out maps (the same every time), or None."""
         if not self.cfg.val_maps:
             return None
-        bank = gen.LabelMapBank(self.cfg.val_maps)
+        bank = self.make_bank(self.cfg.val_maps)
         sampler, _ = self.stream(10 ** 7)   # a stream training never reaches
         rng = np.random.default_rng(12345)
         return [self.batch(sampler, bank, rng, 1) for _ in range(self.cfg.val_pairs)]

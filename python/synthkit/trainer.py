@@ -23,7 +23,6 @@ import time
 import keras
 import numpy as np
 
-from . import generator as gen
 from . import models, nets
 from .task import TrainConfig, override  # noqa: F401  (the names training scripts use)
 
@@ -101,7 +100,7 @@ class Trainer:
         self._session = (start, device_description())
         if start >= cfg.steps:
             return model
-        bank = gen.LabelMapBank(cfg.label_maps)
+        bank = self.task.make_bank(cfg.label_maps)
         val = self.task.validation_set()
         feed = SamplingProcesses(self.task, start, workers) if workers else None
         if feed is None:
@@ -123,7 +122,8 @@ class Trainer:
             else:
                 x, t = feed.get()
             y = self.task.encode(t)
-            loss = float(np.asarray(model.train_on_batch(x, y)))
+            # several outputs: [total, per-output losses...]; the total is logged
+            loss = float(np.ravel(np.asarray(model.train_on_batch(x, y)))[0])
             losses.append(loss)
             vd = ''
             if val is not None and (step % cfg.val_every == 0 or step == cfg.steps):
@@ -210,7 +210,7 @@ def _sampling_process(cfg, start, worker, queue):
     """Body of one sampling process: batches ``(x, target)`` of the stream (``start``,
     ``worker``) into ``queue``, before ``task.prepare``, until killed."""
     task = models.create(cfg)
-    bank = gen.LabelMapBank(cfg.label_maps)
+    bank = task.make_bank(cfg.label_maps)
     sampler, rng = task.stream(start, worker)
     while True:
         queue.put(task.batch(sampler, bank, rng, cfg.batch_size, raw=True))
@@ -294,8 +294,9 @@ def compare_norm_statistics(task, model):
     """Mean validation score of ``model`` on the task's held-out synthetic pairs with batch-norm
     running averages ('moving') and with each image's own statistics ('image')."""
     pairs = task.validation_set()
-    return {'moving': task.validate(model, pairs),
-            'image': task.validate(nets.ImageStatistics(model), pairs)}
+    net = model.get_layer(task.network_layer) if task.network_layer else model
+    return {'moving': task.validate(net, pairs),
+            'image': task.validate(nets.ImageStatistics(net), pairs)}
 
 
 def export(run_dir, prefix, scores=None, notes=None, label_dir=None):

@@ -258,9 +258,50 @@ class SynthStrip(Tool):
         return {'brain volume': record['metrics']['brain_cm3']}
 
 
-TOOLS = {t.name: t for t in (SynthSeg, SynthStrip)}
+class SynthSR(Tool):
+    name, short = 'mri_synthsr', 'synthsr'
+    derived = ('_synthsr', '_desc-synthsr.*')
+
+    @classmethod
+    def add_arguments(cls, p):
+        g = p.add_argument_group('mri_synthsr options')
+        g.add_argument('--ct', action='store_true', help='CT scans: clip to 0-80 HU')
+        g.add_argument('--disable_sharpening', action='store_true', help='no unsharp masking')
+        g.add_argument('--disable_flipping', action='store_true', help='no flip averaging')
+        g.add_argument('--lowfield', action='store_true', help='low-field model (not available)')
+        g.add_argument('--model', metavar='WEIGHTS', help='weights file (default: shipped)')
+
+    def check(self):
+        if self.options.lowfield:
+            raise common.ModelUnavailable('--lowfield: model not yet available (the low-field '
+                                          'variant is not trained yet)')
+        self.weights = common.find_model('synthsr', self.options.model)[0]
+
+    def signature(self):
+        o = self.options
+        return {'ct': o.ct, 'sharpening': not o.disable_sharpening,
+                'flipping': not o.disable_flipping, 'model': _model_id(self.weights)}
+
+    def outputs(self, scan):
+        # the thumbnail's name is the one synthesize_one gives it: common.png_beside(image)
+        return {'image': scan.output('_synthsr', 'synthsr', 'T1w'),
+                'png': scan.output('_synthsr', 'synthsr', 'T1w', '.png')}
+
+    def load(self):
+        from ..models.synthsr.inference import Synthesizer
+        return Synthesizer(*common.find_model('synthsr', self.options.model))
+
+    def process(self, sr, scan, outputs):
+        from ..models.synthsr import cli
+        o = self.options
+        args = argparse.Namespace(ct=o.ct, disable_sharpening=o.disable_sharpening,
+                                  disable_flipping=o.disable_flipping, crop=None, png=True)
+        cli.synthesize_one(sr, args, scan.path, outputs['image'])
+        return {}
+
+
+TOOLS = {t.name: t for t in (SynthSeg, SynthStrip, SynthSR)}
 NOT_BATCHED = {
-    'mri_synthsr': 'model not yet available (mri_synthsr is not trained yet)',
     'mri_synthmorph': 'registration takes pairs: run mri_synthmorph register per pair',
     'mri_easyreg': 'registration takes pairs: run mri_easyreg per pair',
 }

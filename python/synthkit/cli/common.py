@@ -242,6 +242,29 @@ def png_beside(path):
     return os.path.join(os.path.dirname(os.path.abspath(path)), io.stem(path) + '.png')
 
 
+#: Largest field of view (mm, any axis) taken as a head scan; beyond it, --crop is needed.
+MAX_FOV_MM = 400.0
+
+
+def check_head_geometry(prog, vol, crop=None):
+    """Refuse a field of view that cannot be a head (memory grows with it) unless --crop
+    bounds it (``crop``: the tool's --crop, None if not given); warn about voxel sizes no head
+    scan has."""
+    import numpy as np
+    voxsize = np.sqrt((np.asarray(vol.affine)[:3, :3] ** 2).sum(0))
+    fov = voxsize * np.asarray(vol.shape3)
+    if crop is None and fov.max() > MAX_FOV_MM:
+        raise ToolError('%s: field of view %s mm is beyond %g mm: not a head scan? '
+                        'Process a centred box with --crop (e.g. --crop 256)'
+                        % (vol.path, ' x '.join('%.0f' % v for v in fov), MAX_FOV_MM))
+    if voxsize.min() < 0.3 or voxsize.max() > 10:
+        warn(prog, '%s: voxel size %s mm is outside 0.3-10 mm; the result is unlikely '
+             'to be meaningful' % (vol.path, ' x '.join('%.2f' % v for v in voxsize)))
+    if fov.min() < 60:
+        warn(prog, '%s: field of view %s mm cannot hold a whole brain'
+             % (vol.path, ' x '.join('%.0f' % v for v in fov)))
+
+
 def require_inputs(*paths):
     """Raise :class:`ToolError` (``<path>: file not found``) for the first path that is missing.
 

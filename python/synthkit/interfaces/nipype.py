@@ -257,7 +257,8 @@ class SynthSRInputSpec(CommandLineInputSpec):
     ct = traits.Bool(argstr='--ct', desc='CT scan')
     disable_sharpening = traits.Bool(argstr='--disable_sharpening', desc='no unsharp masking')
     disable_flipping = traits.Bool(argstr='--disable_flipping', desc='no flip averaging')
-    lowfield = traits.Bool(argstr='--lowfield', desc='low-field model')
+    lowfield = traits.Bool(argstr='--lowfield', desc='low-field model (not available yet)')
+    model = File(exists=True, argstr='--model %s', desc='weights file (default: shipped)')
     threads = traits.Int(argstr='--threads %d', desc='CPU threads')
 
 
@@ -266,8 +267,7 @@ class SynthSROutputSpec(TraitedSpec):
 
 
 class SynthSR(_Tool):
-    """``mri_synthsr``: super-resolution to 1 mm T1 (its model is not shipped yet: the command
-    then exits with status 1)."""
+    """``mri_synthsr``: super-resolution and contrast transfer to a 1 mm MPRAGE-like T1."""
     _cmd = 'mri_synthsr'
     input_spec = SynthSRInputSpec
     output_spec = SynthSROutputSpec

@@ -15,6 +15,7 @@ TASKS = {
     'synthstrip_nocsf': 'synthkit.models.synthstrip.task:NoCSFDistanceTask',
     'synthmorph_affine': 'synthkit.models.synthmorph.task:AffineTask',
     'synthmorph_deform': 'synthkit.models.synthmorph.task:DeformTask',
+    'synthsr': 'synthkit.models.synthsr.task:SRTask',
 }
 
 

@@ -60,9 +60,6 @@ def build_parser():
 #: Suffixes of this tool's outputs: a folder's earlier results are not inputs again.
 DERIVED = ('_synthseg', '_posteriors', '_resampled')
 
-#: Largest field of view (mm, any axis) taken as a head scan; beyond it, --crop is needed.
-MAX_FOV_MM = 400.0
-
 
 def _crop_size(text):
     value = int(text)
@@ -93,23 +90,6 @@ def _outputs(args):
     return jobs
 
 
-def _check_geometry(vol, crop):
-    """Refuse a field of view that cannot be a head (memory grows with it) unless --crop
-    bounds it; warn about voxel sizes no head scan has."""
-    voxsize = np.sqrt((np.asarray(vol.affine)[:3, :3] ** 2).sum(0))
-    fov = voxsize * np.asarray(vol.shape3)
-    if crop is None and fov.max() > MAX_FOV_MM:
-        raise common.ToolError('%s: field of view %s mm is beyond %g mm: not a head scan? '
-                               'Segment a centred box with --crop (e.g. --crop 256)'
-                               % (vol.path, ' x '.join('%.0f' % v for v in fov), MAX_FOV_MM))
-    if voxsize.min() < 0.3 or voxsize.max() > 10:
-        common.warn(PROG, '%s: voxel size %s mm is outside 0.3-10 mm; the result is unlikely '
-                    'to be meaningful' % (vol.path, ' x '.join('%.2f' % v for v in voxsize)))
-    if fov.min() < 60:
-        common.warn(PROG, '%s: field of view %s mm cannot hold a whole brain'
-                    % (vol.path, ' x '.join('%.0f' % v for v in fov)))
-
-
 def _check_result(path, volumes, qc):
     """One warning line for an implausible result (no brain-sized brain, low confidence)."""
     brain = sum(v for label, v in volumes.items() if label not in (0, 24)) / 1e6
@@ -127,7 +107,7 @@ def segment_one(seg, args, inp, out, post_path, res_path):
     crop = None
     if args.crop:
         crop = args.crop * 3 if len(args.crop) == 1 else args.crop
-    _check_geometry(vol, crop)
+    common.check_head_geometry(PROG, vol, crop)
     if vol.nframes > 1:
         common.warn(PROG, '%s has %d frames; segmenting the first' % (inp, vol.nframes))
         vol = vol.frame(0)

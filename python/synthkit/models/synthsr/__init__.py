@@ -1,1 +1,1 @@
-"""SynthSR: super-resolution and contrast transfer to a 1 mm MPRAGE-like T1 (model not yet shipped)."""
+"""SynthSR: super-resolution and contrast transfer to a 1 mm MPRAGE-like T1."""

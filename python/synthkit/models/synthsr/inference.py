@@ -1,0 +1,62 @@
+"""The SynthSR pipeline on one scan: conform to 1 mm LIA (covering the input's field of view),
+network prediction of the T1 (flip-averaged), light unsharp masking, FreeSurfer's T1 scale."""
+
+import numpy as np
+from scipy import ndimage
+
+from ... import geometry, nets, predict
+from ...cli import common
+from ..synthseg.inference import content_box
+from .task import WM_T1
+
+
+class Result:
+    """One scan's synthetic T1 ``image`` (float32, white matter about 110) on the 1 mm grid
+    ``grid`` (a Conformed whose data is the rescaled input)."""
+
+    def __init__(self, image, grid):
+        self.image, self.grid = image, grid
+
+
+def sharpen(image, amount=0.5, sigma_mm=1.0, mask=None):
+    """Unsharp masking: ``image + amount * (image - blur(image))``, not below zero; outside
+    ``mask`` (if given) the image is left as it is."""
+    blurred = ndimage.gaussian_filter(image, sigma_mm)
+    out = image + np.float32(amount) * (image - blurred)
+    np.maximum(out, 0, out=out)
+    if mask is not None:
+        out = np.where(mask, out, image)
+    return out.astype(np.float32, copy=False)
+
+
+class Synthesizer:
+    """The loaded network and how to turn one scan into a 1 mm T1."""
+
+    def __init__(self, weights=None, card=None):
+        path, card = (weights, card) if card is not None else \
+            common.find_model('synthsr', weights)
+        self.model, self.cfg = nets.load_unet(path, card)
+        self.card = card
+
+    def synthesize(self, data, affine, flip=True, sharpening=True, crop=None, progress=None):
+        """The synthetic 1 mm T1 of a 3-D array with its affine.
+
+        The network sees the input's non-zero bounding box (and a margin) in tiles of at most
+        128 voxels a side, so memory is bounded on large fields of view; voxels outside the
+        input's field of view (or where the rescaled input is zero) are zero in the output."""
+        grid = geometry.conform((data, affine), voxsize=1.0, crop=crop, multiple=16)
+        box = content_box(grid.data, self.cfg.divisor, margin=8)
+        x = grid.data[box]
+        out = np.zeros(grid.data.shape, np.float32)
+        pred = predict.predict_tiled(self.model, x, tile=128, overlap=16,
+                                     divisor=self.cfg.divisor,
+                                     flip=(0, [0]) if flip else None, empty=[0.0],
+                                     progress=progress)[..., 0]
+        np.maximum(pred, 0, out=pred)
+        pred *= np.float32(WM_T1)
+        inside = ndimage.binary_dilation(x > 0, iterations=2)
+        pred[~inside] = 0
+        if sharpening:
+            pred = sharpen(pred, mask=inside)
+        out[box] = pred
+        return Result(out, grid)

@@ -1,0 +1,398 @@
+"""Training task of the SynthSR network: synthetic image of any contrast and resolution -> the
+1 mm MPRAGE-like T1 of the same (deformed) anatomy.
+
+Two kinds of training data share one bank:
+
+* real subjects (a FreeSurfer subject folder with ``T1.mgz`` and ``aseg.mgz`` on one grid): the
+  generator paints the aseg plus intensity clusters of the head outside the brain
+  (:func:`subject_generation_labels`), and the target is the real T1 sampled at the very points
+  the synthetic image was sampled from (the seed's recipe);
+* label maps without a T1 (the whole-head training maps): the target is a T1 rendered from the
+  deformed labels (:func:`render_t1`): a typical MPRAGE intensity per label, a smooth
+  within-structure variation and a little partial-volume blur.
+
+Loss: L1 to the target (in units of white matter: FreeSurfer's T1 scale / 110) plus
+``seg_weight`` x soft Dice between the deformed labels and the segmentation of the prediction by
+the frozen SynthSeg network (at its 2 mm grid), which keeps boundaries sharp.
+"""
+
+import dataclasses
+import os
+
+import keras
+import numpy as np
+from keras import ops
+from scipy import ndimage
+
+from ... import labels as lab
+from ... import losses, nets
+from ... import generator as gen
+from ...task import Options, Task, TrainConfig
+
+#: FreeSurfer's T1 scale: white matter is normalized to 110
+WM_T1 = 110.0
+
+#: Typical MPRAGE intensity of each generation label (white matter 160): SynthSeg's T1 priors
+#: (``prior_means_t1`` of its release, first row, by contrast-specific class).
+T1_MEANS = {0: 7.0, 14: 44.4, 15: 44.4, 16: 129.8, 24: 44.4, 72: 44.4, 85: 160.3, 502: 126.4,
+            506: 18.1, 507: 93.9, 508: 117.1, 509: 69.9, 511: 113.7, 512: 68.2, 514: 48.4,
+            515: 30.2, 516: 94.2, 530: 144.5, 2: 160.3, 3: 96.3, 4: 44.4, 5: 44.4, 7: 136.0,
+            8: 88.2, 10: 129.5, 11: 96.3, 12: 124.1, 13: 151.8, 17: 96.3, 18: 96.3, 25: 116.1,
+            26: 96.3, 28: 142.5, 30: 86.8, 136: 59.6, 137: 59.6, 41: 160.3, 42: 96.3, 43: 44.4,
+            44: 44.4, 46: 136.0, 47: 88.2, 49: 129.5, 50: 96.3, 51: 124.1, 52: 151.8, 53: 96.3,
+            54: 96.3, 57: 116.1, 58: 96.3, 60: 142.5, 62: 86.8, 163: 59.6, 164: 59.6}
+T1_MEANS_WM = 160.3
+
+#: Generation labels given to the head outside the brain of a real subject, darkest first
+#: (intensity clusters of its T1: the painter gives each its own random intensity).
+HEAD_LABELS = (515, 509, 507, 530)
+
+#: aseg labels that are not generation labels -> the generation label they become (corpus
+#: callosum and WM hypointensities become the white matter of their side; see
+#: :func:`subject_generation_labels`); 'WM' is the white matter of the voxel's side.
+_ASEG_SPECIAL = {251: 'WM', 252: 'WM', 253: 'WM', 254: 'WM', 255: 'WM', 77: 'WM', 78: 2, 79: 41,
+                 31: 4, 63: 43, 80: 'WM', 81: 'WM', 82: 'WM'}
+
+
+def subject_generation_labels(t1, aseg, air=15.0):
+    """Generation label map (int16) of a real subject: its aseg (labels that are not generation
+    labels become their neighbours', the corpus callosum and hypointensities the white matter
+    of their side), and outside the brain :data:`HEAD_LABELS` from a 1-D k-means of the T1
+    intensities above ``air`` (darker voxels are background)."""
+    aseg = np.asarray(aseg).astype(np.int32)
+    t1 = np.asarray(t1, np.float32)
+    out = aseg.copy()
+    brain = ndimage.find_objects((aseg > 0).astype(np.int8))
+    if brain:       # the distance transforms need only the brain's box (and a margin)
+        box = tuple(slice(max(s.start - 4, 0), s.stop + 4) for s in brain[0])
+        out[box] = _brain_generation_labels(aseg[box])
+    head = (aseg == 0) & (t1 > air)
+    if head.any():
+        values = t1[head]
+        centres = np.percentile(values, np.linspace(10, 90, len(HEAD_LABELS)))
+        for _ in range(20):
+            assign = np.argmin(np.abs(values[:, None] - centres[None]), axis=1)
+            new = np.array([values[assign == k].mean() if (assign == k).any() else centres[k]
+                            for k in range(len(centres))])
+            if np.allclose(new, centres, atol=0.05):
+                break
+            centres = new
+        order = np.argsort(centres)
+        rank = np.empty_like(order)
+        rank[order] = np.arange(len(order))
+        out[head] = np.asarray(HEAD_LABELS)[rank[assign]]
+    return out.astype(np.int16)
+
+
+def _brain_generation_labels(aseg):
+    """The generation labels of an aseg (see :func:`subject_generation_labels`)."""
+    out = aseg.copy()
+    wm = np.isin(out, [k for k, v in _ASEG_SPECIAL.items() if v == 'WM'])
+    if wm.any():
+        # the side of each voxel from the nearest lateralized white matter
+        idx = ndimage.distance_transform_edt(~np.isin(aseg, (2, 41)), return_distances=False,
+                                             return_indices=True)
+        nearest = aseg[tuple(i[wm] for i in idx)]
+        out[wm] = np.where(nearest == 41, 41, 2)
+    for k, v in _ASEG_SPECIAL.items():
+        if v != 'WM':
+            out[aseg == k] = v
+    unknown = ~np.isin(out, lab.GENERATION_LABELS)
+    if unknown.any():
+        idx = ndimage.distance_transform_edt(unknown, return_distances=False, return_indices=True)
+        out[unknown] = out[tuple(i[unknown] for i in idx)]
+    return out
+
+
+def load_training_item(path):
+    """``(generation labels, T1 or None)`` of a bank entry: a label map file, or a FreeSurfer
+    subject folder (``T1.mgz`` + ``aseg.mgz``), whose T1 comes as uint8 in FreeSurfer's scale."""
+    import nibabel as nib
+    if not os.path.isdir(path):
+        return gen.load_label_map(path)
+    t1 = nib.load(os.path.join(path, 'T1.mgz'))
+    aseg = nib.load(os.path.join(path, 'aseg.mgz'))
+    if t1.shape != aseg.shape or not np.allclose(t1.affine, aseg.affine, atol=1e-3):
+        raise ValueError('%s: T1.mgz and aseg.mgz are not on one grid' % path)
+    t1 = np.asarray(t1.dataobj)
+    labels = subject_generation_labels(t1, np.asarray(aseg.dataobj))
+    return labels, np.clip(np.rint(t1), 0, 255).astype(np.uint8)
+
+
+def render_t1(labels, rng, variation=0.06, gain_std=0.04, blur_mm=0.5):
+    """A T1 (in units of white matter) rendered from generation labels (X, Y, Z): each label's
+    typical MPRAGE intensity with a random gain (``gain_std``), times a smooth random field of
+    about ``variation`` relative amplitude (within-structure variation), lightly blurred
+    (``blur_mm``, partial volume)."""
+    table = np.zeros(1024, np.float32)
+    for k, v in T1_MEANS.items():
+        table[k] = v / T1_MEANS_WM
+    table *= rng.normal(1.0, gain_std, table.shape).astype(np.float32)
+    t1 = table[np.asarray(labels)]
+    coarse = rng.normal(0.0, variation, [max(2, n // 16) for n in t1.shape]).astype(np.float32)
+    field = ndimage.zoom(coarse, [n / c for n, c in zip(t1.shape, coarse.shape)], order=3)
+    t1 *= np.exp(field[tuple(slice(0, n) for n in t1.shape)])
+    return ndimage.gaussian_filter(t1, blur_mm) if blur_mm else t1
+
+
+class ImageStatisticsNorm(keras.layers.BatchNormalization):
+    """Batch normalization that always uses the statistics of its input and never updates its
+    moving averages (what our SynthSeg network does at inference, ``norm_statistics: image``),
+    also when frozen. Same weights as :class:`keras.layers.BatchNormalization`."""
+
+    def call(self, inputs, training=None, mask=None):
+        x = ops.cast(inputs, 'float32')
+        mean, variance = self._moments(x, mask)
+        out = ops.batch_normalization(x, mean, variance, axis=self.axis, offset=self.beta,
+                                      scale=self.gamma, epsilon=self.epsilon)
+        return ops.cast(out, self.compute_dtype)
+
+
+def frozen_segmenter(prefix):
+    """The SynthSeg network of ``PREFIX.weights.h5`` / ``PREFIX.json`` as a frozen Keras model
+    (its batch norm on each input's statistics when its card says so)."""
+    import json
+    with open(prefix + '.json') as f:
+        card = json.load(f)
+    cfg = nets.UNetConfig.from_dict({k: v for k, v in card['architecture'].items()
+                                     if k != 'type'})
+    model = nets.unet(cfg, name='frozen_synthseg')
+    nets.load_weights(model, prefix + '.weights.h5')
+    if card.get('input', {}).get('norm_statistics') == 'image':
+        for layer in model.layers:       # after loading: the weights file names the classes
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.__class__ = ImageStatisticsNorm
+    model.trainable = False
+    return model, card
+
+
+class MinMax(keras.layers.Layer):
+    """Per-example min-max normalization to [0, 1] (what the segmenter's input looks like)."""
+
+    def call(self, x):
+        axes = tuple(range(1, len(x.shape)))
+        lo = ops.min(x, axis=axes, keepdims=True)
+        hi = ops.max(x, axis=axes, keepdims=True)
+        return (x - lo) / (hi - lo + 1e-6)
+
+
+class L1Loss(keras.losses.Loss):
+    """Mean absolute error."""
+
+    def __init__(self, name='l1', **kwargs):
+        super().__init__(name=name, **kwargs)
+
+    def call(self, y_true, y_pred):
+        return ops.mean(ops.abs(y_pred - y_true), axis=tuple(range(1, len(y_pred.shape))))
+
+
+class SoftDiceLoss(keras.losses.Loss):
+    """Soft Dice of (soft) one-hot targets."""
+
+    def __init__(self, name='soft_dice', **kwargs):
+        super().__init__(name=name, **kwargs)
+
+    def call(self, y_true, y_pred):
+        return losses.soft_dice_loss(y_true, y_pred)
+
+
+CUSTOM_OBJECTS = {'ImageStatisticsNorm': ImageStatisticsNorm, 'MinMax': MinMax,
+                  'L1Loss': L1Loss, 'SoftDiceLoss': SoftDiceLoss}
+
+
+@dataclasses.dataclass
+class SROptions(Options):
+    seg_weight: float = 0.25       # weight of the Dice of the frozen SynthSeg on the prediction
+    seg_model: str = 'models/synthseg'   # its weights prefix (inside checkpoints once trained)
+    real_fraction: float = 0.5     # share of examples from real-T1 subjects (if the bank has both)
+
+
+class SRTask(Task):
+    """Target: the 1 mm T1 (units of white matter) of the deformed anatomy; loss: L1 + Dice of
+    the frozen SynthSeg's segmentation of the prediction; score: correlation of prediction and
+    target over the head."""
+    name = 'synthsr'
+    Options = SROptions
+    custom_objects = CUSTOM_OBJECTS
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        # the SR network is a layer of the training model when the SynthSeg term is on
+        self.network_layer = 'synthsr_unet' if self.opts.seg_weight else None
+        self.seg_lookup = lab.generation_lookup(lab.SEGMENTATION_LABELS)
+        self.n_seg = len(lab.SEGMENTATION_LABELS)
+
+    @classmethod
+    def preset(cls, maps):
+        """Training maps: the whole-head label maps (rendered targets) and the real-T1 FreeSurfer
+        subjects of ``fs_subjects/`` beside their folder; the last of each, sorted, is held out."""
+        maps = sorted(maps)
+        subjects_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(maps[0]))),
+                                    'fs_subjects') if maps else ''
+        subjects = sorted(os.path.join(subjects_dir, s) for s in os.listdir(subjects_dir)
+                          if os.path.isfile(os.path.join(subjects_dir, s, 'T1.mgz'))) \
+            if os.path.isdir(subjects_dir) else []
+        if len(maps) < 2:
+            raise ValueError('need at least 2 label maps, got %d' % len(maps))
+        val = [maps[-1]] + subjects[-1:]
+        train = maps[:-1] + subjects[:-1]
+        return TrainConfig(
+            label_maps=train, val_maps=val, task=cls.name, shape=(80, 80, 80),
+            unet=nets.UNetConfig(out_channels=1, final_activation='linear').to_dict(),
+            generator={'voxsize_mm': 1.0, 'translation_range_mm': (-50.0, 50.0),
+                       'strip_prob': 0.1, 'fov_prob': 0.05,
+                       'isotropic_range_mm': (1.0, 3.0), 'anisotropic_range_mm': (2.0, 8.0),
+                       'anisotropic_prob': 0.7, 'noise_std_max': 0.03},
+            val_pairs=4, val_every=100, learning_rate=5e-4)
+
+    # ------------------------------------------------------------------------------- model
+    def network(self):
+        return nets.unet(nets.UNetConfig.from_dict(self.cfg.unet), name='synthsr_unet')
+
+    def training_model(self):
+        net = self.network()
+        if not self.opts.seg_weight:
+            return net
+        seg, _ = frozen_segmenter(self.opts.seg_model)
+        inp = keras.Input((None, None, None, 1), name='image')
+        sr = net(inp)
+        low = keras.layers.AveragePooling3D(2, name='to_2mm')(keras.layers.ReLU()(sr))
+        post = seg(MinMax(name='minmax')(low))
+        return keras.Model(inp, [sr, post], name='synthsr_training')
+
+    def build_model(self):
+        model = self.training_model()
+        if self.opts.seg_weight:
+            model.compile(optimizer=keras.optimizers.Adam(self.cfg.learning_rate),
+                          loss=[L1Loss(), SoftDiceLoss()],
+                          loss_weights=[1.0, float(self.opts.seg_weight)])
+        else:
+            model.compile(optimizer=keras.optimizers.Adam(self.cfg.learning_rate), loss=L1Loss())
+        return model
+
+    def bare(self, model):
+        """The SR network inside a training model (or the model itself)."""
+        try:
+            return model.get_layer(self.network_layer)
+        except ValueError:
+            return model
+
+    def exported_network(self, model):
+        bare = self.network()
+        bare.set_weights(self.bare(model).get_weights())
+        return bare
+
+    # -------------------------------------------------------------------------------- data
+    def make_bank(self, paths):
+        return gen.LabelMapBank([_resolve(p) for p in paths], loader=load_training_item)
+
+    def sample(self, sampler, bank, rng, n):
+        real = [i for i, im in enumerate(bank.images) if im is not None]
+        rendered = [i for i, im in enumerate(bank.images) if im is None]
+        if real and rendered:
+            idx = [rng.choice(real) if rng.random() < self.opts.real_fraction
+                   else rng.choice(rendered) for _ in range(n)]
+        else:
+            idx = rng.integers(0, len(bank), size=n)
+        maps, idx = bank.batch(n, rng, indices=idx)
+        out = sampler(maps)
+        image = np.asarray(out['image'])
+        labels = np.asarray(out['labels'])[..., 0]
+        coords = np.asarray(out['coords'])
+        fov = np.asarray(out['fov'])[..., 0] if 'fov' in out else None
+        targets = []
+        for b, i in enumerate(idx):
+            if bank.images[i] is not None:
+                t1 = ndimage.map_coordinates(bank.images[i].astype(np.float32),
+                                             np.moveaxis(coords[b], -1, 0), order=1,
+                                             mode='constant') / WM_T1
+            else:
+                t1 = render_t1(labels[b], rng)
+            if _stripped(image[b, ..., 0], labels[b]):
+                t1 = t1 * np.isin(labels[b], lab.BRAIN_LABELS + (24,))
+            if fov is not None:
+                t1 = t1 * fov[b]
+            targets.append(t1.astype(np.float32))
+        seg = self.seg_lookup[labels].astype(np.uint8)
+        return image, (np.stack(targets)[..., None], seg)
+
+    def encode(self, target):
+        t1, seg = target
+        if not self.opts.seg_weight:
+            return t1
+        onehot = ops.one_hot(ops.convert_to_tensor(seg, 'int32'), self.n_seg)
+        return [t1, ops.average_pool(onehot, 2, 2)]
+
+    def validation_set(self):
+        """One fixed synthetic example per held-out entry and draw: ``val_pairs`` in all, taken
+        in turn from the held-out maps (a rendered-target map and a real-T1 subject)."""
+        if not self.cfg.val_maps:
+            return None
+        bank = self.make_bank(self.cfg.val_maps)
+        sampler, _ = self.stream(10 ** 7)
+        rng = np.random.default_rng(12345)
+        pairs = []
+        for k in range(self.cfg.val_pairs):
+            single = _OneEntry(bank, k % len(bank))
+            x, t = self.sample(sampler, single, rng, 1)
+            pairs.append((x, t))
+        return pairs
+
+    def score(self, pred, target):
+        """Correlation of prediction and target T1 over the voxels where either is non-zero."""
+        t1 = target[0] if isinstance(target, tuple) else target
+        p, t = np.asarray(pred)[..., 0].ravel(), np.asarray(t1)[..., 0].ravel()
+        keep = (np.abs(t) > 1e-3) | (np.abs(p) > 1e-3)
+        if keep.sum() < 2 or np.std(p[keep]) == 0 or np.std(t[keep]) == 0:
+            return 0.0
+        return float(np.corrcoef(p[keep], t[keep])[0, 1])
+
+    def validate(self, model, pairs):
+        net = self.bare(model) if isinstance(model, keras.Model) else model
+        return float(np.mean([self.score(np.asarray(net.predict_on_batch(x)), t)
+                              for x, t in pairs]))
+
+    # -------------------------------------------------------------------------- model card
+    def output_labels(self):
+        return None
+
+    def loss_description(self):
+        text = 'L1 to the target T1 (units of white matter)'
+        if self.opts.seg_weight:
+            text += ' + %.2g x soft Dice of the frozen SynthSeg (%s) on the prediction' % (
+                self.opts.seg_weight, self.opts.seg_model)
+        return text + '; validation score: correlation with the target T1'
+
+
+def _resolve(path):
+    """``path``, or where a held-out subject named by the model card (``label_dir/sub-07``)
+    lies: in ``fs_subjects/`` beside the label maps' folder."""
+    if os.path.exists(path):
+        return path
+    other = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), 'fs_subjects',
+                         os.path.basename(path))
+    return other if os.path.isdir(other) else path
+
+
+def _stripped(image, labels, dark=0.01):
+    """Whether the generator painted everything outside the brain black (``strip_prob``): the
+    labelled voxels outside the brain and CSF, away from its edge, are nearly all dark."""
+    outside = (labels > 0) & ~np.isin(labels, lab.BRAIN_LABELS + (24,))
+    outside &= ~ndimage.binary_dilation(~outside, iterations=4)
+    if outside.sum() < 100:
+        return False
+    return float((image[outside] < dark).mean()) > 0.95
+
+
+class _OneEntry:
+    """A view of one entry of a bank (what :meth:`SRTask.sample` draws from)."""
+
+    def __init__(self, bank, i):
+        self.bank, self.i = bank, i
+        self.images = [bank.images[i]]
+
+    def __len__(self):
+        return 1
+
+    def batch(self, n, rng, indices=None):
+        return self.bank.batch(n, rng, indices=[self.i] * n)[0], np.zeros(n, int)

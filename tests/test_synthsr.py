@@ -1,0 +1,267 @@
+"""SynthSR: training data (real-T1 subjects and rendered targets), the training model with the
+frozen SynthSeg term, and mri_synthsr end to end with a tiny random-weight network."""
+
+import json
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from helpers import seeded
+from synthkit import models, nets
+from synthkit import labels as lab
+from synthkit.models.synthsr import cli as synthsr
+from synthkit.models.synthsr import task as srtask
+from synthkit.models.synthsr.inference import sharpen
+from synthkit.task import TrainConfig
+
+SIZE = 40
+
+
+def _phantom(size=SIZE):
+    """(aseg, T1) of a spherical 'head': WM hemispheres (2 / 41) with a midline corpus callosum
+    (251), cortex, a ventricle, one label no generator knows (999), scalp of two intensities."""
+    grid = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing='ij')) - (size - 1) / 2
+    r = np.sqrt((grid ** 2).sum(0))
+    aseg = np.zeros((size,) * 3, np.int32)
+    aseg[r < 12] = 3
+    aseg[r < 9] = 2
+    aseg[(r < 9) & (grid[0] > 0)] = 41
+    aseg[(r < 9) & (np.abs(grid[0]) < 1)] = 251
+    aseg[(r < 3) & (grid[0] < -1)] = 4
+    aseg[(r < 2) & (grid[0] > 2)] = 999
+    t1 = np.zeros((size,) * 3, np.float32)
+    t1[np.isin(aseg, (2, 41, 251))] = 110
+    t1[aseg == 3] = 70
+    t1[aseg == 4] = 30
+    t1[aseg == 999] = 90
+    t1[(r >= 12) & (r < 15)] = 40           # dark skull
+    t1[(r >= 15) & (r < 18)] = 150          # bright scalp
+    return aseg, t1
+
+
+def _subject(folder, name='sub-01'):
+    aseg, t1 = _phantom()
+    path = os.path.join(folder, name)
+    os.makedirs(path)
+    aff = np.diag([-1.0, -1, 1, 1])
+    nib.save(nib.MGHImage(t1.astype(np.uint8), aff), os.path.join(path, 'T1.mgz'))
+    nib.save(nib.MGHImage(aseg, aff), os.path.join(path, 'aseg.mgz'))
+    return path
+
+
+def _label_map(folder):
+    aseg, _ = _phantom()
+    labels = np.where(np.isin(aseg, (251, 999)), 2, aseg)
+    grid = np.stack(np.meshgrid(*[np.arange(SIZE)] * 3, indexing='ij')) - (SIZE - 1) / 2
+    r = np.sqrt((grid ** 2).sum(0))
+    labels[(r >= 12) & (r < 18)] = 507
+    path = os.path.join(folder, 'map.nii.gz')
+    nib.save(nib.Nifti1Image(labels.astype(np.int16), np.diag([-1.0, -1, 1, 1])), path)
+    return path
+
+
+def test_subject_labels_map_the_aseg_and_cluster_the_head():
+    aseg, t1 = _phantom()
+    out = srtask.subject_generation_labels(t1, aseg)
+    assert set(np.unique(out)) <= set(lab.GENERATION_LABELS)
+    cc = aseg == 251
+    assert set(np.unique(out[cc])) <= {2, 41}
+    left = cc & (np.indices(aseg.shape)[0] < (SIZE - 1) / 2)
+    assert (out[left] == 2).mean() > 0.9     # the side of the nearest hemisphere's WM
+    assert (out[aseg == 999] != 999).all()
+    skull, scalp = (aseg == 0) & (t1 == 40), (aseg == 0) & (t1 == 150)
+    dark, bright = np.unique(out[skull]), np.unique(out[scalp])
+    assert len(dark) == 1 and len(bright) == 1 and dark[0] != bright[0]
+    order = list(srtask.HEAD_LABELS)
+    assert order.index(dark[0]) < order.index(bright[0])      # clusters ranked by brightness
+    assert (out[(aseg == 0) & (t1 == 0)] == 0).all()           # air stays background
+
+
+def test_rendered_t1_has_mprage_contrast():
+    labels = np.zeros((24, 24, 24), np.int32)
+    labels[:8], labels[8:16], labels[16:] = 2, 3, 4          # WM, cortex, ventricle
+    t1 = srtask.render_t1(labels, np.random.default_rng(0), blur_mm=0)
+    wm, gm, csf = t1[:8].mean(), t1[8:16].mean(), t1[16:].mean()
+    assert 0.85 < wm < 1.15 and csf < gm < wm
+    assert 0 < t1[:8].std() < 0.1 * wm       # smooth within-structure variation, not texture
+
+
+@pytest.fixture(scope='module')
+def bank_cfg(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp('sr_data'))
+    subject, label_map = _subject(folder), _label_map(folder)
+    return TrainConfig(label_maps=[subject, label_map], val_maps=[subject, label_map],
+                       task='synthsr', shape=(24, 24, 24), val_pairs=2,
+                       unet=nets.UNetConfig(out_channels=1, final_activation='linear',
+                                            features=4, levels=2,
+                                            convs_per_level=1).to_dict(),
+                       generator={'translation_range_mm': (-2.0, 2.0)},
+                       task_options={'seg_weight': 0.0})
+
+
+def test_targets_follow_the_deformed_anatomy(bank_cfg):
+    """Under random affine + nonlinear deformation and flips, the target is the T1 of the
+    anatomy the labels show: white matter (eroded, away from partial volume) is 110 / 110 for
+    the real subject, about 1 for the rendered map; the input and labels share the grid."""
+    task = models.create(bank_cfg)
+    bank = task.make_bank(bank_cfg.label_maps)
+    assert bank.images[0] is not None and bank.images[1] is None
+    sampler, rng = task.stream(0)
+    for entry in (0, 1):
+        for _ in range(2):
+            x, (t1, seg) = task.sample(sampler, srtask._OneEntry(bank, entry), rng, 1)
+            assert x.shape == t1.shape == (1, 24, 24, 24, 1) and seg.shape == (1, 24, 24, 24)
+            wm = np.isin(seg[0], [lab.SEGMENTATION_LABELS.index(k) for k in (2, 41)])
+            wm = ndimage.binary_erosion(wm, iterations=2)
+            assert wm.sum() > 50
+            values = t1[0, ..., 0][wm]
+            if entry == 0:
+                assert np.median(values) == pytest.approx(1.0, abs=0.02)
+            else:
+                assert 0.8 < np.median(values) < 1.2
+
+
+def test_training_model_with_frozen_synthseg_trains_and_reloads(tmp_path, bank_cfg):
+    seg_cfg = nets.UNetConfig(features=4, levels=2, convs_per_level=1)
+    prefix = str(tmp_path / 'synthseg')
+    seeded(nets.unet(seg_cfg), 1).save_weights(prefix + '.weights.h5')
+    with open(prefix + '.json', 'w') as f:
+        json.dump({'task': 'synthseg', 'architecture': {'type': 'unet', **seg_cfg.to_dict()},
+                   'input': {'voxsize_mm': 2.0, 'norm_statistics': 'image'}}, f)
+    cfg = TrainConfig(**{**bank_cfg.__dict__,
+                         'task_options': {'seg_weight': 0.25, 'seg_model': prefix}})
+    task = models.create(cfg)
+    model = task.build_model()
+    frozen = [w.name for w in model.get_layer('frozen_synthseg').weights]
+    assert frozen and not model.get_layer('frozen_synthseg').trainable_weights
+    before = [np.array(w) for w in model.get_layer('frozen_synthseg').weights]
+    bank = task.make_bank(cfg.label_maps)
+    sampler, rng = task.stream(0)
+    x, t = task.batch(sampler, bank, rng, 1)
+    y = task.encode(t)
+    assert y[1].shape == (1, 12, 12, 12, len(lab.SEGMENTATION_LABELS))     # at 2 mm
+    losses = [float(np.ravel(np.asarray(model.train_on_batch(x, y)))[0]) for _ in range(3)]
+    assert all(np.isfinite(losses))
+    after = [np.array(w) for w in model.get_layer('frozen_synthseg').weights]
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))   # SynthSeg stays frozen
+    path = str(tmp_path / 'ckpt.keras')
+    model.save(path)
+    again = task.load_checkpoint(path)
+    np.testing.assert_allclose(np.asarray(again.predict_on_batch(x)[0]),
+                               np.asarray(model.predict_on_batch(x)[0]), atol=1e-5)
+    assert task.exported_network(again).count_params() == \
+        model.get_layer('synthsr_unet').count_params()
+
+
+def test_sharpen_raises_edges_and_keeps_flat_regions():
+    image = np.zeros((20, 20, 20), np.float32)
+    image[:, :, 10:] = 100
+    out = sharpen(image)
+    assert out[10, 10, 10] > 100 and out[10, 10, 9] >= 0
+    assert out[10, 10, 18] == pytest.approx(100, abs=0.5) and out[10, 10, 1] == 0
+
+
+# -------------------------------------------------------------------------- command line
+@pytest.fixture(scope='module')
+def sr_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('sr_model')
+    cfg = nets.UNetConfig(out_channels=1, final_activation='linear', features=4, levels=2,
+                          convs_per_level=1)
+    seeded(nets.unet(cfg), 5).save_weights(str(folder / 'synthsr.weights.h5'))
+    (folder / 'synthsr.json').write_text(json.dumps({
+        'task': 'synthsr', 'architecture': {'type': 'unet', **cfg.to_dict()},
+        'input': {'voxsize_mm': 1.0}}))
+    return folder
+
+
+def _scan(path, voxsize=(1.2, 1.2, 4.0)):
+    """An anisotropic thick-slice phantom scan, not in LIA."""
+    _, t1 = _phantom(48)
+    data = ndimage.zoom(t1, [1 / v for v in voxsize], order=1)
+    nib.save(nib.Nifti1Image(data.astype(np.float32), np.diag(list(voxsize) + [1.0])), path)
+    return path
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        synthsr.main(argv)
+    return e.value.code, capsys.readouterr().err
+
+
+def test_synthsr_writes_a_1mm_image_covering_the_input(tmp_path, sr_model, monkeypatch,
+                                                       capsys):
+    monkeypatch.setenv('SYNTHKIT_MODELS', str(sr_model))
+    inp = _scan(str(tmp_path / 'thick.nii.gz'))
+    before = open(inp, 'rb').read()
+    out = str(tmp_path / 'sr.mgz')
+    code, err = run(['--i', inp, '--o', out, '--png'], capsys)
+    assert code == 0, err
+    img = nib.load(out)
+    assert np.allclose(np.sqrt((img.affine[:3, :3] ** 2).sum(0)), 1.0)
+    assert nib.aff2axcodes(img.affine) == ('L', 'I', 'A')
+    data = np.asarray(img.dataobj)
+    assert data.dtype.kind == 'f' and data.dtype.itemsize == 4
+    assert np.isfinite(data).all() and data.min() >= 0
+    fov = np.array(nib.load(inp).shape) * np.array([1.2, 1.2, 4.0])
+    assert (np.sort(data.shape) >= np.sort(fov) - 1).all()        # covers the field of view
+    assert data.max() > 0
+    assert os.path.exists(str(tmp_path / 'sr.png'))
+    assert open(inp, 'rb').read() == before
+
+    # without flipping and sharpening: another (valid) result, same grid
+    out2 = str(tmp_path / 'plain.nii.gz')
+    code, err = run(['--i', inp, '--o', out2, '--disable_flipping', '--disable_sharpening'],
+                    capsys)
+    assert code == 0, err
+    plain = np.asarray(nib.load(out2).dataobj)
+    assert plain.shape == data.shape and not np.allclose(plain, data)
+
+
+def test_synthsr_batch_goes_past_a_bad_file(tmp_path, sr_model, monkeypatch, capsys):
+    monkeypatch.setenv('SYNTHKIT_MODELS', str(sr_model))
+    folder = tmp_path / 'in'
+    folder.mkdir()
+    _scan(str(folder / 'a.nii.gz'))
+    (folder / 'b.nii.gz').write_bytes(b'not an image')
+    code, err = run(['--i', str(folder), '--o', str(tmp_path / 'out')], capsys)
+    assert code == 1
+    assert os.path.exists(str(tmp_path / 'out' / 'a_synthsr.nii.gz'))
+    assert not os.path.exists(str(tmp_path / 'out' / 'b_synthsr.nii.gz'))
+    assert '1 of 2 input(s) failed' in err and 'b.nii.gz' in err
+
+
+@pytest.mark.parametrize('flag, message', [
+    ('--lowfield', '--lowfield: model not yet available'),
+    ('--v1', '--v1: model not yet available'),
+])
+def test_synthsr_refuses_models_not_trained(tmp_path, sr_model, monkeypatch, capsys, flag,
+                                            message):
+    monkeypatch.setenv('SYNTHKIT_MODELS', str(sr_model))
+    inp = _scan(str(tmp_path / 'a.nii.gz'))
+    code, err = run(['--i', inp, '--o', str(tmp_path / 'o.nii.gz'), flag], capsys)
+    assert code == 1 and message in err and err.count('\n') == 1
+    assert not os.path.exists(str(tmp_path / 'o.nii.gz'))
+
+
+def test_synthsr_ct_clips_before_rescaling(tmp_path, sr_model, monkeypatch, capsys):
+    """--ct clips to [0, 80] HU: bone at 1000 HU and air at -1000 do not set the contrast."""
+    monkeypatch.setenv('SYNTHKIT_MODELS', str(sr_model))
+    aseg, _ = _phantom(48)
+    ct = np.full(aseg.shape, -1000.0, np.float32)
+    ct[aseg > 0] = 30
+    ct[np.isin(aseg, (2, 41, 251))] = 25
+    grid = np.stack(np.meshgrid(*[np.arange(48)] * 3, indexing='ij')) - 23.5
+    r = np.sqrt((grid ** 2).sum(0))
+    ct[(r >= 12) & (r < 15)] = 1000
+    path = str(tmp_path / 'ct.nii.gz')
+    nib.save(nib.Nifti1Image(ct, np.eye(4)), path)
+    outs = []
+    for extra in ([], ['--ct']):
+        out = str(tmp_path / ('o%d.nii.gz' % len(extra)))
+        code, err = run(['--i', path, '--o', out] + extra, capsys)
+        assert code == 0, err
+        outs.append(np.asarray(nib.load(out).dataobj))
+    assert not np.allclose(outs[0], outs[1])
