@@ -219,8 +219,8 @@ def main():
              'SSIM |', '| --- | --- | --- | --- | --- |']
     for v in ('1mm', '1x1x5', '5x1x1'):
         direct = d1 if v == '1mm' else scores['oasis_seg_dice_direct_' + v]
-        lines.append('| OASIS %s mm | %.3f | %.3f | %.3f | %.3f |' % (
-            v, direct, scores['oasis_seg_dice_synthsr_' + v], scores['oasis_corr_' + v],
+        lines.append('| OASIS %s | %.3f | %.3f | %.3f | %.3f |' % (
+            '1 mm' if v == '1mm' else v + ' mm', direct, scores['oasis_seg_dice_synthsr_' + v], scores['oasis_corr_' + v],
             scores['oasis_ssim_' + v]))
     lines += ['| CT-like, 1x1x5 mm (`--ct` clipping) | %.3f | %.3f | - | - |'
               % (scores['ct_like_seg_dice_direct'], scores['ct_like_seg_dice_synthsr']),

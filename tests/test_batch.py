@@ -23,6 +23,7 @@ from helpers import seeded
 from synthkit import io, nets
 from synthkit import labels as lab
 from synthkit.batch import cli, cluster, engine, scans, tools
+from synthkit.cli import common
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,6 +45,10 @@ def model_dir(tmp_path_factory):
     (folder / 'synthstrip.json').write_text(json.dumps({
         'task': 'synthstrip', 'architecture': {'type': 'unet', **strip.to_dict()},
         'input': {'voxsize_mm': 2.0}, 'target': {'band_mm': 8.0}}))
+    seeded(nets.unet(strip), 3).save_weights(str(folder / 'synthsr.weights.h5'))
+    (folder / 'synthsr.json').write_text(json.dumps({
+        'task': 'synthsr', 'architecture': {'type': 'unet', **strip.to_dict()},
+        'input': {'voxsize_mm': 1.0}}))
     return folder
 
 
@@ -149,6 +154,21 @@ def test_rerun_recomputes_only_what_changed(client, tmp):
     assert len(table) == 5 and all(float(r[1]) >= 0 for r in table[1:])
 
 
+def test_synthsr_study_writes_1mm_images_and_goes_past_a_bad_file(client, tmp):
+    study, out = _study(os.path.join(tmp, 'study'), n=2), os.path.join(tmp, 'out')
+    s = engine.run('mri_synthsr', study, out, client=client)
+    assert (s.computed, s.skipped, s.failed) == (2, 0, 1)
+    for i in range(2):
+        img = io.load_volume(os.path.join(out, 'scan%d_synthsr.nii.gz' % i))
+        assert np.allclose(np.sqrt((img.affine[:3, :3] ** 2).sum(0)), 1.0)   # 2 mm in, 1 mm out
+        assert min(img.shape3) >= 64 and np.isfinite(img.data).all()
+        assert os.path.getsize(os.path.join(out, 'scan%d_synthsr.png' % i)) > 0
+    again = engine.run('mri_synthsr', study, out, client=client, disable_sharpening=True)
+    assert again.computed == 2                         # another option: every scan again
+    with pytest.raises(common.ToolError, match='--lowfield: model not yet available'):
+        tools.get('mri_synthsr', lowfield=True)
+
+
 class CrashTool(tools.Tool):
     """Writes a tiny image per scan; the worker process dies on scans named ``crash*``, and on
     ``flaky*`` only the first time (a marker file beside the output remembers it)."""
@@ -248,7 +268,6 @@ def test_dry_run_prints_the_slurm_job_script(tmp, capsys):
 
 
 @pytest.mark.parametrize('argv, message', [
-    (['mri_synthsr'], 'model not yet available'),
     (['mri_synthseg', '--parc'], '--parc: model not yet available'),
     (['mri_synthstrip', '--no-image', '--no-mask'], 'leave nothing to write'),
     (['mri_synthseg', '--scheduler', 'tcp://127.0.0.1:9'], 'cannot reach the Dask scheduler'),

@@ -265,6 +265,34 @@ def check_head_geometry(prog, vol, crop=None):
              % (vol.path, ' x '.join('%.0f' % v for v in fov)))
 
 
+def crop_size(text):
+    """argparse type of a --crop size (mm): an integer from 16 to 1000."""
+    import argparse
+    value = int(text)
+    if not 16 <= value <= 1000:
+        raise argparse.ArgumentTypeError('--crop sizes must be 16 to 1000 mm, got %s' % text)
+    return value
+
+
+def read_scan(prog, path, crop=None, ct=False, verb='using'):
+    """``(volume, float32 data, crop)`` of one input scan of a head tool: loaded, its geometry
+    checked (:func:`check_head_geometry`), the first frame of a multi-frame image (with a
+    warning: "``verb`` the first"), clipped to [0, 80] for ``ct``; ``crop`` (a tool's --crop: 1
+    or 3 sizes, or None) as 3 sizes."""
+    import numpy as np
+    vol = io.load_volume(path)
+    if crop:
+        crop = list(crop) * 3 if len(crop) == 1 else list(crop)
+    check_head_geometry(prog, vol, crop or None)
+    if vol.nframes > 1:
+        warn(prog, '%s has %d frames; %s the first' % (path, vol.nframes, verb))
+        vol = vol.frame(0)
+    data = np.asarray(vol.data, np.float32)
+    if ct:
+        data = np.clip(data, 0, 80)
+    return vol, data, crop or None
+
+
 def require_inputs(*paths):
     """Raise :class:`ToolError` (``<path>: file not found``) for the first path that is missing.
 

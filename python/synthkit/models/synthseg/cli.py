@@ -41,7 +41,7 @@ def build_parser():
     p.add_argument('--qc', metavar='CSV', help='write quality scores per structure group')
     p.add_argument('--post', metavar='OUT', help='write posteriors (33 frames)')
     p.add_argument('--resample', metavar='OUT', help='write the input resampled to 1 mm')
-    p.add_argument('--crop', type=_crop_size, nargs='+', metavar='N',
+    p.add_argument('--crop', type=common.crop_size, nargs='+', metavar='N',
                    help='analyse only a centred crop of N (or NX NY NZ) mm')
     p.add_argument('--threads', type=int, default=1, help='CPU threads (default 1; <=0: all)')
     p.add_argument('--cpu', action='store_true', help='run on the CPU even if a GPU is present')
@@ -59,13 +59,6 @@ def build_parser():
 
 #: Suffixes of this tool's outputs: a folder's earlier results are not inputs again.
 DERIVED = ('_synthseg', '_posteriors', '_resampled')
-
-
-def _crop_size(text):
-    value = int(text)
-    if not 16 <= value <= 1000:
-        raise argparse.ArgumentTypeError('--crop sizes must be 16 to 1000 mm, got %s' % text)
-    return value
 
 
 def _outputs(args):
@@ -103,17 +96,7 @@ def _check_result(path, volumes, qc):
 
 def segment_one(seg, args, inp, out, post_path, res_path):
     """Segment one scan and write its outputs; returns (volumes, qc scores)."""
-    vol = io.load_volume(inp)
-    crop = None
-    if args.crop:
-        crop = args.crop * 3 if len(args.crop) == 1 else args.crop
-    common.check_head_geometry(PROG, vol, crop)
-    if vol.nframes > 1:
-        common.warn(PROG, '%s has %d frames; segmenting the first' % (inp, vol.nframes))
-        vol = vol.frame(0)
-    data = np.asarray(vol.data, np.float32)
-    if args.ct:
-        data = np.clip(data, 0, 80)
+    vol, data, crop = common.read_scan(PROG, inp, args.crop, args.ct, verb='segmenting')
     result = seg.segment(data, vol.affine, fast=args.fast, crop=crop,
                          keep_posteriors=bool(post_path))
     grid, hard = result.grid, result.hard

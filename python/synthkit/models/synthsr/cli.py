@@ -51,7 +51,7 @@ def build_parser():
     p.add_argument('--cpu', action='store_true', help='run on the CPU even if a GPU is present')
     p.add_argument('--model', metavar='FILE', help='alternative model weights (.weights.h5)')
     # ours
-    p.add_argument('--crop', type=int, nargs='+', metavar='N',
+    p.add_argument('--crop', type=common.crop_size, nargs='+', metavar='N',
                    help='process only a centred box of N (or NX NY NZ) mm')
     p.add_argument('--png', action='store_true',
                    help='write a QC picture (input above, output below) beside each output')
@@ -73,17 +73,7 @@ def _outputs(args):
 
 def synthesize_one(sr, args, inp, out):
     """Synthesize one scan and write its outputs (True when done)."""
-    vol = io.load_volume(inp)
-    crop = None
-    if args.crop:
-        crop = args.crop * 3 if len(args.crop) == 1 else args.crop
-    common.check_head_geometry(PROG, vol, crop)
-    if vol.nframes > 1:
-        common.warn(PROG, '%s has %d frames; using the first' % (inp, vol.nframes))
-        vol = vol.frame(0)
-    data = np.asarray(vol.data, np.float32)
-    if args.ct:
-        data = np.clip(data, 0, 80)
+    vol, data, crop = common.read_scan(PROG, inp, args.crop, args.ct)
     result = sr.synthesize(data, vol.affine, flip=not args.disable_flipping,
                            sharpening=not args.disable_sharpening, crop=crop)
     io.save_volume(result.image, result.grid.affine, out, dtype=np.float32)
@@ -99,8 +89,6 @@ def synthesize(args):
     common.require_inputs(args.i)
     if args.crop and len(args.crop) not in (1, 3):
         raise common.ToolError('--crop takes 1 or 3 sizes')
-    if args.crop and not all(16 <= c <= 1000 for c in args.crop):
-        raise common.ToolError('--crop sizes must be 16 to 1000 mm')
     if args.v1:
         raise common.ModelUnavailable('--v1: model not yet available (SynthSR 1.0)')
     name = 'synthsr_lowfield' if args.lowfield else 'synthsr'

@@ -42,13 +42,15 @@ class Synthesizer:
         """The synthetic 1 mm T1 of a 3-D array with its affine.
 
         The network sees the input's non-zero bounding box (and a margin) in tiles of at most
-        128 voxels a side, so memory is bounded on large fields of view; voxels outside the
-        input's field of view (or where the rescaled input is zero) are zero in the output."""
+        160 voxels a side overlapping by 48 (each tile's outer 24 voxels, where the network's
+        zero padding shows in a smooth image, give way to its neighbour's), so memory is
+        bounded on large fields of view; voxels outside the input's field of view (or where the
+        rescaled input is zero) are zero in the output."""
         grid = geometry.conform((data, affine), voxsize=1.0, crop=crop, multiple=16)
         box = content_box(grid.data, self.cfg.divisor, margin=8)
         x = grid.data[box]
         out = np.zeros(grid.data.shape, np.float32)
-        pred = predict.predict_tiled(self.model, x, tile=128, overlap=16,
+        pred = predict.predict_tiled(self.model, x, tile=160, overlap=48,
                                      divisor=self.cfg.divisor,
                                      flip=(0, [0]) if flip else None, empty=[0.0],
                                      progress=progress)[..., 0]
