@@ -42,7 +42,7 @@ class Synthesizer:
         """The synthetic 1 mm T1 of a 3-D array with its affine.
 
         The network sees the input's non-zero bounding box (and a margin) in tiles of at most
-        160 voxels a side overlapping by 48 (each tile's outer 24 voxels, where the network's
+        160 voxels a side overlapping by 32 (each tile's outer 16 voxels, where the network's
         zero padding shows in a smooth image, give way to its neighbour's), so memory is
         bounded on large fields of view; voxels outside the input's field of view (or where the
         rescaled input is zero) are zero in the output."""
@@ -50,7 +50,7 @@ class Synthesizer:
         box = content_box(grid.data, self.cfg.divisor, margin=8)
         x = grid.data[box]
         out = np.zeros(grid.data.shape, np.float32)
-        pred = predict.predict_tiled(self.model, x, tile=160, overlap=48,
+        pred = predict.predict_tiled(self.model, x, tile=160, overlap=32,
                                      divisor=self.cfg.divisor,
                                      flip=(0, [0]) if flip else None, empty=[0.0],
                                      progress=progress)[..., 0]
