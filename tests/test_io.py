@@ -508,3 +508,15 @@ def test_resample_of_whole_voxels_is_exact_and_matches_interpolation(code, inter
                              cval=0, prefilter=False)
     assert np.array_equal(fast, slow)
     assert np.isclose(fast.sum(), data.sum())
+
+
+def test_check_writable_without_create_makes_no_folder(tmp_path):
+    target = tmp_path / 'a' / 'b' / 'out.nii.gz'
+    io.check_writable(str(target), create=False)
+    assert not (tmp_path / 'a').exists()
+    blocker = tmp_path / 'file'
+    blocker.write_text('x')
+    with pytest.raises(io.VolumeError, match='cannot create output directory'):
+        io.check_writable(str(blocker / 'out.nii.gz'), create=False)
+    io.check_writable(str(target))                     # the default creates the folders
+    assert (tmp_path / 'a' / 'b').is_dir()

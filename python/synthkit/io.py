@@ -209,12 +209,14 @@ def check_affine(affine, path):
 # ---------------------------------------------------------------------------------------------
 # writing
 
-def check_writable(path, exts=SUPPORTED):
+def check_writable(path, exts=SUPPORTED, create=True):
     """Fail early (before any heavy work) if ``path`` cannot be written as an output.
 
-    Creates missing parent directories, as FreeSurfer tools do. Raises :class:`VolumeError` when
-    the extension is not one of ``exts``, ``path`` is an existing directory or a loaded input,
-    the parent cannot be created, or a file cannot actually be created in it.
+    Creates missing parent directories, as FreeSurfer tools do (with ``create=False``, e.g. a
+    dry run, nothing is created: the nearest existing folder above must be writable). Raises
+    :class:`VolumeError` when the extension is not one of ``exts``, ``path`` is an existing
+    directory or a loaded input, the parent cannot be created, or a file cannot actually be
+    created in it.
     """
     path = os.fspath(path)
     if not any(path.lower().endswith(e) for e in exts):
@@ -224,6 +226,14 @@ def check_writable(path, exts=SUPPORTED):
     if os.path.realpath(path) in _INPUTS:
         raise VolumeError(path, 'refusing to overwrite an input file')
     parent = os.path.dirname(os.path.abspath(path))
+    if not create and not os.path.isdir(parent):
+        above = parent
+        while not os.path.isdir(above) and os.path.dirname(above) != above:
+            above = os.path.dirname(above)
+        if os.path.exists(parent) or not os.access(above, os.W_OK | os.X_OK):
+            raise VolumeError(path, 'cannot create output directory (%s is not a writable '
+                              'folder)' % above)
+        return
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as e:

@@ -95,7 +95,8 @@ def build_parser():
 def batch(args):
     tool = tools.get(args.tool, args)
     cluster.configure(args.dask_config)
-    scans, jobs, root = engine.plan(tool, args.i, args.o, args.bids_suffix)
+    scans, jobs, root = engine.plan(tool, args.i, args.o, args.bids_suffix,
+                                    create=not args.dry_run)
     where = args.scheduler.lower()
     if args.dry_run:
         return _dry_run(args, tool, jobs, where)

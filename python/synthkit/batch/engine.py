@@ -166,9 +166,10 @@ def remove_outputs(outputs):
 # ---------------------------------------------------------------------------------------------
 # the study
 
-def plan(tool, inputs, out, bids_suffix='T1w'):
+def plan(tool, inputs, out, bids_suffix='T1w', create=True):
     """``(scans, [(scan, outputs)], study root)``, every output checked before any work:
-    disjoint from the inputs and from each other, and writable."""
+    disjoint from the inputs and from each other, and writable (without creating their folders
+    unless ``create``)."""
     scans = scans_mod.find_scans(inputs, out, [d for d in tool.derived], bids_suffix)
     root = scans_mod.study_root(inputs, out)
     jobs = [(s, tool.outputs(s)) for s in scans]
@@ -181,7 +182,8 @@ def plan(tool, inputs, out, bids_suffix='T1w'):
                                 os.path.splitext(p)[1]), p)
     common.check_outputs([s.path for s in scans] + tool.inputs(), flagged)
     for path in folders.values():                      # one check per folder and file type
-        io.check_writable(path, exts=(io.split_ext(path)[1] or os.path.splitext(path)[1],))
+        io.check_writable(path, exts=(io.split_ext(path)[1] or os.path.splitext(path)[1],),
+                          create=create)
     return scans, jobs, root
 
 
