@@ -93,7 +93,8 @@ $(BENCH_VENV)/.installed:
 
 # Resumes runs/NAME if present; STEPS sets the total (default: the preset's). INIT=models/NAME
 # starts from the shipped weights in a fresh clone.
-TRAIN_TASKS := synthseg synthstrip synthstrip_nocsf synthmorph_affine synthmorph_deform synthsr
+TRAIN_TASKS := synthseg synthstrip synthstrip_nocsf synthmorph_affine synthmorph_deform synthsr \
+	synthparc
 .PHONY: $(addprefix train-,$(TRAIN_TASKS))
 
 # A static pattern rule: make skips implicit rules for phony targets, so a plain `train-%`

@@ -9,7 +9,11 @@ Measures (all with the shipped model unless --model):
 - T1<->T2 consistency on ixi002: Dice between the two segmentations, compared in world space
   (the scans are the same session's, not re-registered);
 - wall time and peak memory of the `mri_synthseg` command on a 256^3 1 mm scan (an OASIS T1
-  padded to 256^3), as a separate process with --threads 2.
+  padded to 256^3), as a separate process with --threads 2;
+- with a parcellation model (`models/synthparc`, or --parc-model): Dice per Desikan-Killiany
+  parcel against FreeSurfer's aparc+aseg on the subjects its card held out of training
+  (`../shared/data/fs_subjects`), at 1 mm and as 1x1x5 mm thick slices, and the time --parc adds
+  to one 256^3 scan (in-process, flip averaging on).
 
 Writes a markdown report (--out) and, with --card, merges the scores into the model card.
 """
@@ -91,9 +95,18 @@ def main():
     p.add_argument('--out', default='docs/bench_synthseg.md')
     p.add_argument('--card', help='model card JSON to merge the scores into')
     p.add_argument('--skip-timing', action='store_true')
+    p.add_argument('--parc-model', help='parcellation weights (default: shipped, if any)')
+    p.add_argument('--parc-card', help='parcellation model card JSON to merge its scores into')
+    p.add_argument('--parc-only', action='store_true', help='only the parcellation table')
     args = p.parse_args()
 
     seg = Segmenter(args.model)
+    parc_lines, parc_scores = parcellation(seg, args)
+    if args.parc_card and parc_scores:
+        merge_scores(args.parc_card, parc_scores)
+    if args.parc_only:
+        print('\n'.join(parc_lines))
+        return
     labels = [l for l in seg.labels if l != 0]
     rows, per_label, thick_rows = [], {}, []
     for name in OASIS:
@@ -174,18 +187,91 @@ def main():
               for (n, d, s), t in zip(rows, thick_rows)]
     lines += ['', '| structure | mean Dice (OASIS) |', '| --- | --- |']
     lines += ['| %s | %.3f |' % (n, v) for n, v in scores['per_label_oasis_dice'].items()]
+    lines += [''] + parc_lines
     text = '\n'.join(lines) + '\n'
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w') as f:
         f.write(text)
     print(text)
     if args.card:
-        with open(args.card) as f:
-            card = json.load(f)
-        card['scores'] = scores
-        with open(args.card + '.tmp', 'w') as f:
-            json.dump(card, f, indent=2)
-        os.replace(args.card + '.tmp', args.card)
+        merge_scores(args.card, scores)
+
+
+def merge_scores(path, scores):
+    with open(path) as f:
+        card = json.load(f)
+    card['scores'] = scores
+    with open(path + '.tmp', 'w') as f:
+        json.dump(card, f, indent=2)
+    os.replace(path + '.tmp', path)
+
+
+def parcellation(seg, args):
+    """(markdown lines, scores) of the parcellation model on its held-out subjects; a line
+    saying why not when there is no model or no subject."""
+    from synthkit.cli import common
+    from synthkit.models.synthparc.inference import Parcellator
+    try:
+        weights, card = common.find_model('synthparc', args.parc_model)
+    except common.ModelUnavailable:
+        return ['## Parcellation (--parc)', '', 'No parcellation model: not measured.'], None
+    parc = Parcellator(weights, card)
+    root = os.path.join(args.data, '..', 'fs_subjects')
+    held = [os.path.join(root, os.path.basename(m))
+            for m in card.get('training', {}).get('held_out_maps', [])]
+    held = [h for h in held if os.path.isfile(os.path.join(h, 'aparc+aseg.mgz'))]
+    if not held:
+        return ['## Parcellation (--parc)', '', 'No held-out subject found: not measured.'], None
+    per = {'1 mm': {}, '1x1x5 mm': {}}
+    subject_rows, added = [], []
+    for path in held:
+        t1 = io.load_volume(os.path.join(path, 'T1.mgz'))
+        ref = np.asarray(io.load_volume(os.path.join(path, 'aparc+aseg.mgz')).data)
+        present = [k for k in lab.PARCEL_LABELS if (ref == k).any()]
+        means = []
+        for kind, (data, aff) in (('1 mm', (np.asarray(t1.data, np.float32), t1.affine)),
+                                  ('1x1x5 mm', thick_slices(np.asarray(t1.data, np.float32),
+                                                            t1.affine))):
+            t = time.time()
+            result = seg.segment(data, aff, parc=parc)
+            with_parc = time.time() - t
+            d = metrics.dice_table(on_grid(result.hard, result.grid.affine, ref.shape,
+                                           t1.affine), ref, present)
+            for k, v in d.items():
+                per[kind].setdefault(k, []).append(v)
+            means.append(mean(d))
+            if kind == '1 mm':
+                t = time.time()
+                seg.segment(data, aff)
+                added.append(with_parc - (time.time() - t))
+        subject_rows.append((os.path.basename(path), *means))
+        print('%s: parcel dice %.3f (thick %.3f), --parc adds %.1f s'
+              % (subject_rows[-1] + (added[-1],)), flush=True)
+    scores = {'heldout_mean_parcel_dice_1mm': round(mean({k: np.mean(v) for k, v in
+                                                          per['1 mm'].items()}), 4),
+              'heldout_mean_parcel_dice_1x1x5': round(mean({k: np.mean(v) for k, v in
+                                                            per['1x1x5 mm'].items()}), 4),
+              'seconds_added_256cubed': round(float(np.mean(added)), 1),
+              'heldout_subjects': [r[0] for r in subject_rows],
+              'per_parcel_dice_1mm': {lab.name(k): round(float(np.mean(v)), 4)
+                                      for k, v in sorted(per['1 mm'].items())}}
+    lines = ['## Parcellation (--parc)', '',
+             'Model: `%s` (%s steps); reference: FreeSurfer aparc+aseg of the held-out '
+             'subject(s) %s (T1.mgz in, whole head).' % (
+                 weights, card.get('training', {}).get('steps', '?'),
+                 ', '.join(scores['heldout_subjects'])), '',
+             '| measure | value | target |', '| --- | --- | --- |',
+             '| mean parcel Dice, 1 mm | %.3f | >= 0.75 |'
+             % scores['heldout_mean_parcel_dice_1mm'],
+             '| mean parcel Dice, 1x1x5 mm | %.3f | >= 0.65 |'
+             % scores['heldout_mean_parcel_dice_1x1x5'],
+             '| time --parc adds, 256^3 scan (in-process) | %.1f s | <= 10 s |'
+             % scores['seconds_added_256cubed'], '',
+             '| parcel | Dice, 1 mm | Dice, 1x1x5 mm |', '| --- | --- | --- |']
+    lines += ['| %s | %.3f | %.3f |' % (lab.name(k), np.mean(per['1 mm'][k]),
+                                        np.mean(per['1x1x5 mm'].get(k, [np.nan])))
+              for k in sorted(per['1 mm'])]
+    return lines, scores
 
 
 if __name__ == '__main__':

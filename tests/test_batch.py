@@ -154,6 +154,32 @@ def test_rerun_recomputes_only_what_changed(client, tmp):
     assert len(table) == 5 and all(float(r[1]) >= 0 for r in table[1:])
 
 
+def test_synthseg_parc_study_has_parcel_labels_and_columns(client, tmp):
+    """--parc over a study (its model given with --parc_model): parcel labels instead of the
+    cortex, the study CSV gains the 68 parcel columns; a rerun without --parc is other work."""
+    folder = os.path.join(tmp, 'parc_model')
+    os.makedirs(folder)
+    cfg = nets.UNetConfig(in_channels=3, out_channels=69, features=4, levels=2,
+                          convs_per_level=1)
+    weights = os.path.join(folder, 'synthparc.weights.h5')
+    seeded(nets.unet(cfg), 4).save_weights(weights)
+    with open(os.path.join(folder, 'synthparc.json'), 'w') as f:
+        json.dump({'task': 'synthparc', 'architecture': {'type': 'unet', **cfg.to_dict()},
+                   'output_labels': [0] + list(lab.PARCEL_LABELS),
+                   'input': {'voxsize_mm': 2.0, 'norm_statistics': 'image'}}, f)
+    study, out = _study(os.path.join(tmp, 'study'), n=2, corrupt=False), os.path.join(tmp, 'out')
+    s = engine.run('mri_synthseg', study, out, client=client, parc=True, parc_model=weights)
+    assert (s.computed, s.failed) == (2, 0)
+    for i in range(2):
+        seg = np.asarray(nib.load(os.path.join(out, 'scan%d_synthseg.nii.gz' % i)).dataobj)
+        # (nibabel: io.load_volume would make the output an input this process never overwrites)
+        assert set(np.unique(seg)) <= set(lab.SEGMENTATION_LABELS) - {3, 42} | set(
+            lab.PARCEL_LABELS)
+    vols = _rows(os.path.join(out, 'synthseg_volumes.csv'))
+    assert len(vols[0]) == 2 + 32 + 68 and vols[0][-1] == 'ctx-rh-insula'
+    assert engine.run('mri_synthseg', study, out, client=client).computed == 2
+
+
 def test_synthsr_study_writes_1mm_images_and_goes_past_a_bad_file(client, tmp):
     study, out = _study(os.path.join(tmp, 'study'), n=2), os.path.join(tmp, 'out')
     s = engine.run('mri_synthsr', study, out, client=client)

@@ -90,3 +90,22 @@ def test_tables_match_released_label_tables():
                 if labels.generation_to_output(g) != s}
     # the only difference: SynthSeg 1.0 maps CSF to background, we keep it (as SynthSeg 2.0)
     assert disagree == {24: (0, 24)}
+
+
+def test_parcels_pair_hemispheres_and_swap():
+    assert len(labels.PARCEL_LABELS) == 68
+    assert 1004 not in labels.PARCEL_LABELS and 2004 not in labels.PARCEL_LABELS
+    chans = [0, 3, 42] + list(labels.PARCEL_LABELS)
+    perm = labels.lr_swap_table(chans)
+    swapped = [chans[i] for i in perm]
+    assert swapped[:3] == [0, 42, 3]
+    assert swapped[3:] == list(labels.PARCEL_LABELS[34:]) + list(labels.PARCEL_LABELS[:34])
+    assert labels.name(1035) == 'ctx-lh-insula' and labels.name(2001) == 'ctx-rh-bankssts'
+
+
+@pytest.mark.skipif(not TABLES.is_dir(), reason='released label tables (../shared/data) missing')
+def test_parcels_match_released_parcellation_table():
+    released = np.load(TABLES / 'synthseg_parcellation_labels.npy').tolist()
+    names = np.load(TABLES / 'synthseg_parcellation_names.npy').tolist()
+    assert released == [0] + list(labels.PARCEL_LABELS)
+    assert [labels.name(k) for k in released[1:]] == names[1:]

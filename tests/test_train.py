@@ -159,14 +159,21 @@ def test_task_options_reject_unknown_names():
         models.create(strip)
 
 
-def test_every_registered_task_builds_from_its_preset():
+def test_every_registered_task_builds_from_its_preset(tmp_path):
     import keras
     from synthkit.task import Task
+    # the shared data layout: label_maps/ and fs_subjects/ side by side (the parcellation
+    # trains on the subjects' aparc+aseg only)
+    maps = [str(tmp_path / 'label_maps' / m) for m in ('m1', 'm2', 'm3', 'm4')]
+    for s in ('sub-01', 'sub-02'):
+        os.makedirs(tmp_path / 'fs_subjects' / s)
+        for f in ('aparc+aseg.mgz', 'T1.mgz'):
+            (tmp_path / 'fs_subjects' / s / f).write_bytes(b'')
     for name in models.TASKS:
-        cfg = models.preset(name, ['m1', 'm2', 'm3', 'm4'])
-        # SynthSR holds out one label map (and one real-T1 subject, none here)
-        held_out = ['m4'] if name == 'synthsr' else ['m3', 'm4']
-        assert cfg.task == name and cfg.val_maps == held_out
+        cfg = models.preset(name, maps)
+        # SynthSR holds out one label map and one real-T1 subject (with an aseg: none here)
+        held_out = {'synthsr': ['m4'], 'synthparc': ['sub-02']}.get(name, ['m3', 'm4'])
+        assert cfg.task == name and [os.path.basename(m) for m in cfg.val_maps] == held_out
         task = models.create(cfg)
         assert isinstance(task, Task) and task.name == name
         assert isinstance(task.architecture()['type'], str) and task.loss_description()

@@ -131,8 +131,10 @@ def label_classes(generation_labels=lab.GENERATION_LABELS, max_label=1024):
 class SynthGenerator(keras.layers.Layer):
     """Label maps (B, *src_shape, 1) int32 -> dict of synthetic 'image' (B, *shape, 1) float32
     in [0, 1] and deformed generation 'labels' (B, *shape, 1) int32, plus the source
-    'coords' (B, *shape, 3) each output voxel was sampled from (for registration targets), and
-    with ``params.fov_prob`` > 0 the 'fov' mask (B, *shape, 1) of the field of view kept.
+    'coords' (B, *shape, 3) each output voxel was sampled from (for registration targets), the
+    left/right 'flips' (B,) in {0, 1} (1: the labels were mirrored and their hemispheres
+    swapped, so a target sampled at 'coords' from another map must swap its own), and with
+    ``params.fov_prob`` > 0 the 'fov' mask (B, *shape, 1) of the field of view kept.
 
     ``shape`` is the output grid (voxels of ``params.voxsize_mm``); the source is 1 mm.
     """
@@ -222,7 +224,7 @@ class SynthGenerator(keras.layers.Layer):
         image = self.resolution(image)
         image = self.normalize(ops.relu(image))
         image = self.normalize(self.gamma(image))
-        out = {'image': image, 'labels': labels, 'coords': coords}
+        out = {'image': image, 'labels': labels, 'coords': coords, 'flips': flips}
         if self.params.fov_prob > 0:
             out['image'] = image * fov
             out['fov'] = fov         # 1 inside the kept field of view

@@ -69,6 +69,35 @@ LUT = {
     530: ('extracerebral-530', (200, 200, 60)),
 }
 
+#: The Desikan-Killiany cortical parcels (FreeSurfer's aparc, without 'unknown' and the
+#: corpus callosum, 1000/1004): name and colour, as FreeSurferColorLUT.txt writes them for
+#: ``1000 + k`` (ctx-lh-NAME) and ``2000 + k`` (ctx-rh-NAME).
+PARCELS = {
+    1: ('bankssts', (25, 100, 40)), 2: ('caudalanteriorcingulate', (125, 100, 160)),
+    3: ('caudalmiddlefrontal', (100, 25, 0)), 5: ('cuneus', (220, 20, 100)),
+    6: ('entorhinal', (220, 20, 10)), 7: ('fusiform', (180, 220, 140)),
+    8: ('inferiorparietal', (220, 60, 220)), 9: ('inferiortemporal', (180, 40, 120)),
+    10: ('isthmuscingulate', (140, 20, 140)), 11: ('lateraloccipital', (20, 30, 140)),
+    12: ('lateralorbitofrontal', (35, 75, 50)), 13: ('lingual', (225, 140, 140)),
+    14: ('medialorbitofrontal', (200, 35, 75)), 15: ('middletemporal', (160, 100, 50)),
+    16: ('parahippocampal', (20, 220, 60)), 17: ('paracentral', (60, 220, 60)),
+    18: ('parsopercularis', (220, 180, 140)), 19: ('parsorbitalis', (20, 100, 50)),
+    20: ('parstriangularis', (220, 60, 20)), 21: ('pericalcarine', (120, 100, 60)),
+    22: ('postcentral', (220, 20, 20)), 23: ('posteriorcingulate', (220, 180, 220)),
+    24: ('precentral', (60, 20, 220)), 25: ('precuneus', (160, 140, 180)),
+    26: ('rostralanteriorcingulate', (80, 20, 140)), 27: ('rostralmiddlefrontal', (75, 50, 125)),
+    28: ('superiorfrontal', (20, 220, 160)), 29: ('superiorparietal', (20, 180, 140)),
+    30: ('superiortemporal', (140, 220, 220)), 31: ('supramarginal', (80, 160, 20)),
+    32: ('frontalpole', (100, 0, 100)), 33: ('temporalpole', (70, 70, 70)),
+    34: ('transversetemporal', (150, 150, 200)), 35: ('insula', (255, 192, 32))}
+
+#: The 68 parcel labels, left hemisphere first (the order of the parcellation channels).
+PARCEL_LABELS = tuple(1000 + k for k in sorted(PARCELS)) + tuple(2000 + k for k in sorted(PARCELS))
+
+for _k, (_name, _rgb) in PARCELS.items():
+    LUT[1000 + _k] = ('ctx-lh-' + _name, _rgb)
+    LUT[2000 + _k] = ('ctx-rh-' + _name, _rgb)
+
 #: The 33 output labels of mri_synthseg (aseg numbering), in the order of the network's channels.
 SEGMENTATION_LABELS = (0, 2, 3, 4, 5, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 26, 28,
                        41, 42, 43, 44, 46, 47, 49, 50, 51, 52, 53, 54, 58, 60)
@@ -148,7 +177,7 @@ def lr_swap_table(labels):
     """
     labels = [int(x) for x in labels]
     swap = {}
-    for left, right in LR_PAIRS:
+    for left, right in LR_PAIRS + tuple((1000 + k, 2000 + k) for k in PARCELS):
         swap[left], swap[right] = right, left
     index = {lab: i for i, lab in enumerate(labels)}
     return np.array([index.get(swap.get(lab, lab), i) for i, lab in enumerate(labels)])

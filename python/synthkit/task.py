@@ -202,6 +202,29 @@ class Task:
         return 'soft Dice + %.2g x cross-entropy' % self.cfg.ce_weight
 
 
+def subjects_beside(maps, required):
+    """The FreeSurfer subject folders of ``fs_subjects/`` beside the label maps' folder (the
+    shared data layout) that hold every file of ``required``, sorted; [] when there are none."""
+    if not maps:
+        return []
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(maps[0]))),
+                        'fs_subjects')
+    if not os.path.isdir(root):
+        return []
+    return sorted(os.path.join(root, s) for s in os.listdir(root)
+                  if all(os.path.isfile(os.path.join(root, s, f)) for f in required))
+
+
+def resolve_subject(path):
+    """``path``, or where a subject named by a model card (``label_dir/sub-07``: cards keep
+    base names) lies: in ``fs_subjects/`` beside the label maps' folder."""
+    if os.path.exists(path):
+        return path
+    other = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), 'fs_subjects',
+                         os.path.basename(path))
+    return other if os.path.isdir(other) else path
+
+
 def override(cfg, item, options_class=None):
     """Apply ``'KEY=JSON'`` to ``cfg`` in place: a TrainConfig field, or ``task_options.NAME``
     / ``generator.NAME`` for one entry of those dicts (a new dict, the preset is not shared).

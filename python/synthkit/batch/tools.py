@@ -84,7 +84,8 @@ class SynthSeg(Tool):
     @classmethod
     def add_arguments(cls, p):
         g = p.add_argument_group('mri_synthseg options')
-        g.add_argument('--parc', action='store_true', help='cortical parcellation (not available)')
+        g.add_argument('--parc', action='store_true',
+                       help='cortical parcellation (68 Desikan-Killiany parcels)')
         g.add_argument('--robust', action='store_true', help='robust model (not available)')
         g.add_argument('--v1', action='store_true', help='SynthSeg 1.0 model (not available)')
         g.add_argument('--fast', action='store_true', help='no flip averaging, no post-processing')
@@ -98,23 +99,35 @@ class SynthSeg(Tool):
         g.add_argument('--ct', action='store_true', help='CT scans: clip to [0, 80]')
         g.add_argument('--keepgeom', action='store_true', help='outputs on the input grid')
         g.add_argument('--model', metavar='WEIGHTS', help='weights file (default: shipped)')
+        g.add_argument('--parc_model', metavar='WEIGHTS',
+                       help='parcellation weights file (default: shipped)')
 
     def check(self):
+        from ..models.synthseg import cli
         o = self.options
-        for flag, what in (('parc', 'cortical parcellation'), ('robust', 'the robust model'),
-                           ('v1', 'the SynthSeg 1.0 model')):
+        for flag, what in (('robust', 'the robust model'), ('v1', 'the SynthSeg 1.0 model')):
             if getattr(o, flag):
                 raise common.ModelUnavailable('--%s: model not yet available (%s)' % (flag, what))
         if o.crop and len(o.crop) not in (1, 3):
             raise common.ToolError('--crop takes 1 or 3 sizes')
         if o.crop and not all(16 <= c <= 1000 for c in o.crop):
             raise common.ToolError('--crop sizes must be 16 to 1000 mm')
+        if o.parc_model and not o.parc:
+            raise common.ToolError('--parc_model needs --parc')
         self.weights = common.find_model('synthseg', o.model)[0]   # ModelUnavailable now
+        self.parc = cli.find_parcellation(o.parc_model) if o.parc else None
+
+    def cache_key(self):
+        o = self.options
+        return (self.name, o.model, o.parc, o.parc_model)
 
     def signature(self):
         o = self.options
-        return {'fast': o.fast, 'crop': o.crop, 'ct': o.ct, 'keepgeom': o.keepgeom,
-                'model': _model_id(self.weights)}
+        sig = {'fast': o.fast, 'crop': o.crop, 'ct': o.ct, 'keepgeom': o.keepgeom,
+               'model': _model_id(self.weights)}
+        if self.parc:           # only then: the results of earlier runs stay valid
+            sig['parc'] = _model_id(self.parc[0])
+        return sig
 
     def outputs(self, scan):
         # the thumbnail's name is the one segment_one gives it: common.png_beside(seg)
@@ -134,17 +147,23 @@ class SynthSeg(Tool):
     def load(self):
         from ..models.synthseg.inference import Segmenter
         weights, card = common.find_model('synthseg', self.options.model)
-        return Segmenter(weights, card)
+        parc = None
+        if self.options.parc:
+            from ..models.synthparc.inference import Parcellator
+            parc = Parcellator(*common.find_model('synthparc', self.options.parc_model))
+        return Segmenter(weights, card), parc
 
-    def process(self, seg, scan, outputs):
+    def process(self, model, scan, outputs):
         from ..models.synthseg import cli
+        seg, parc = model
         o = self.options
         args = argparse.Namespace(crop=o.crop, ct=o.ct, fast=o.fast, keepgeom=o.keepgeom,
                                   png=True)        # the thumbnail: outputs['png']
         volumes, qc = cli.segment_one(seg, args, scan.path, outputs['seg'], outputs.get('post'),
-                                      outputs.get('resample'))
+                                      outputs.get('resample'), parc)
         if o.vol:
-            cli.write_volumes_csv(outputs['vol'], [(scan.id, volumes)], seg.labels)
+            cli.write_volumes_csv(outputs['vol'], [(scan.id, volumes)],
+                                  cli.output_labels(seg, parc))
         if o.qc:
             cli.write_qc_csv(outputs['qc'], [(scan.id, qc)])
         return {'volumes': {str(k): float(v) for k, v in volumes.items()},
@@ -166,8 +185,8 @@ class SynthSeg(Tool):
     def measures(self, record):
         from .. import labels as lab
         vols = {int(k): v for k, v in record['metrics']['volumes'].items()}
-        out = {'total intracranial': sum(v for k, v in vols.items() if k != 0)}
-        out.update((lab.SYNTHSEG_NAMES.get(k, str(k)), v) for k, v in vols.items() if k != 0)
+        out = {'total intracranial': sum(v for k, v in vols.items() if 0 < k < 1000)}
+        out.update((lab.SYNTHSEG_NAMES.get(k, lab.name(k)), v) for k, v in vols.items() if k != 0)
         return out
 
     def qc_score(self, record):

@@ -33,7 +33,8 @@ def build_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--i', required=True, metavar='IN', help='image, folder or .txt list')
     p.add_argument('--o', required=True, metavar='OUT', help='segmentation(s): file, folder or .txt')
-    p.add_argument('--parc', action='store_true', help='cortical parcellation (not available yet)')
+    p.add_argument('--parc', action='store_true',
+                   help='cortical parcellation: cortex voxels become Desikan-Killiany parcels')
     p.add_argument('--robust', action='store_true', help='robust model (not available yet)')
     p.add_argument('--fast', action='store_true',
                    help='skip left/right flip averaging and post-processing (about 2x faster)')
@@ -54,6 +55,8 @@ def build_parser():
                    help='write a QC picture (3 slices, labels overlaid) beside each output')
     p.add_argument('--seed', type=int, default=0, help='random seed (results are deterministic)')
     p.add_argument('--model', metavar='WEIGHTS', help='weights file (default: shipped model)')
+    p.add_argument('--parc_model', metavar='WEIGHTS',
+                   help='parcellation weights file (default: shipped model)')
     return p
 
 
@@ -75,7 +78,7 @@ def _outputs(args):
         outputs += [('--o', out), ('--post', post_path), ('--resample', res_path)]
         if args.png:
             outputs.append(('--png', common.png_beside(out)))
-    common.check_outputs([i for i, _, _, _ in jobs] + [args.model], outputs)
+    common.check_outputs([i for i, _, _, _ in jobs] + [args.model, args.parc_model], outputs)
     for flag, path in outputs:
         if path:
             io.check_writable(path, exts=('.csv',) if flag in ('--vol', '--qc') else
@@ -85,7 +88,7 @@ def _outputs(args):
 
 def _check_result(path, volumes, qc):
     """One warning line for an implausible result (no brain-sized brain, low confidence)."""
-    brain = sum(v for label, v in volumes.items() if label not in (0, 24)) / 1e6
+    brain = sum(v for label, v in volumes.items() if label not in (0, 24) and label < 1000) / 1e6
     if not 0.5 <= brain <= 2.5:
         common.warn(PROG, '%s: implausible brain volume %.2f L (expected 0.5-2.5 L): is it a '
                     'brain MRI?' % (path, brain))
@@ -94,13 +97,23 @@ def _check_result(path, volumes, qc):
         common.warn(PROG, '%s: low QC scores (%s): check the segmentation' % (path, ', '.join(low)))
 
 
-def segment_one(seg, args, inp, out, post_path, res_path):
-    """Segment one scan and write its outputs; returns (volumes, qc scores)."""
+def find_parcellation(path=None):
+    """(weights, card) of the parcellation model, or :class:`common.ModelUnavailable` naming
+    --parc."""
+    try:
+        return common.find_model('synthparc', path)
+    except common.ModelUnavailable as e:
+        raise common.ModelUnavailable('--parc: %s' % e) from None
+
+
+def segment_one(seg, args, inp, out, post_path, res_path, parc=None):
+    """Segment one scan and write its outputs (with ``parc``, a Parcellator, the cortex
+    parcellated); returns (volumes, qc scores)."""
     vol, data, crop = common.read_scan(PROG, inp, args.crop, args.ct, verb='segmenting')
     result = seg.segment(data, vol.affine, fast=args.fast, crop=crop,
-                         keep_posteriors=bool(post_path))
+                         keep_posteriors=bool(post_path), parc=parc)
     grid, hard = result.grid, result.hard
-    lut = lab.surfa_lookup(seg.labels)
+    lut = lab.surfa_lookup(output_labels(seg, parc))
     if args.keepgeom:
         io.save_volume(geometry.to_input_grid(hard, grid, 'nearest'), vol.affine, out, like=vol,
                        lut=lut, dtype=np.int32)
@@ -121,12 +134,22 @@ def segment_one(seg, args, inp, out, post_path, res_path):
     return result.volumes, result.qc
 
 
+def output_labels(seg, parc=None):
+    """The labels a segmentation may hold: the 33 structures, and the parcels with ``parc``."""
+    return tuple(seg.labels) + (lab.PARCEL_LABELS if parc is not None else ())
+
+
 def write_volumes_csv(path, rows, out_labels):
-    """One row per subject: subject, total intracranial, then every structure (mm^3)."""
-    structures = [l for l in out_labels if l != 0]
-    header = ['subject', 'total intracranial'] + [lab.SYNTHSEG_NAMES[l] for l in structures]
-    io.save_csv(path, header, [[name, '%.3f' % sum(v[l] for l in structures)]
-                               + ['%.3f' % v[l] for l in structures] for name, v in rows])
+    """One row per subject: subject, total intracranial, then every structure (mm^3), then
+    the cortical parcels if ``out_labels`` has them (their volumes add up to the cortex's, so
+    they do not count again in the intracranial total)."""
+    structures = [k for k in out_labels if 0 < k < 1000]
+    parcels = [k for k in out_labels if k >= 1000]
+    header = ['subject', 'total intracranial'] + [lab.SYNTHSEG_NAMES[k] for k in structures] \
+        + [lab.name(k) for k in parcels]
+    io.save_csv(path, header, [[name, '%.3f' % sum(v[k] for k in structures)]
+                               + ['%.3f' % v[k] for k in structures + parcels]
+                               for name, v in rows])
 
 
 def write_qc_csv(path, rows):
@@ -136,30 +159,36 @@ def write_qc_csv(path, rows):
 
 
 def run(args):
-    for flag, what in (('parc', 'cortical parcellation'), ('robust', 'the robust model'),
-                       ('v1', 'the SynthSeg 1.0 model')):
+    for flag, what in (('robust', 'the robust model'), ('v1', 'the SynthSeg 1.0 model')):
         if getattr(args, flag):
             raise common.ModelUnavailable('--%s: model not yet available (%s)' % (flag, what))
     if args.crop and len(args.crop) not in (1, 3):
         raise common.ToolError('--crop takes 1 or 3 sizes')
     if args.cpu:
         common.hide_gpus()
+    if args.parc_model and not args.parc:
+        raise common.ToolError('--parc_model needs --parc')
     jobs = _outputs(args)            # every output checked before any work
     weights, card = common.find_model('synthseg', args.model)
+    parc_model = find_parcellation(args.parc_model) if args.parc else None
     common.set_threads(args.threads)
     from .inference import Segmenter   # TensorFlow: only once the arguments are known good
     seg = Segmenter(weights, card)
+    parc = None
+    if parc_model:
+        from ..synthparc.inference import Parcellator
+        parc = Parcellator(*parc_model)
 
     report = common.BatchReport(PROG)
     vol_rows, qc_rows = [], []
     for inp, out, post, res in common.progress(jobs, 'segmenting', disable=len(jobs) == 1):
-        result = report.attempt(inp, segment_one, seg, args, inp, out, post, res)
+        result = report.attempt(inp, segment_one, seg, args, inp, out, post, res, parc)
         if result is not None:
             vol_rows.append((io.stem(inp), result[0]))
             qc_rows.append((io.stem(inp), result[1]))
             print('%s: wrote %s' % (PROG, out), file=sys.stderr)
     if args.vol and vol_rows:
-        write_volumes_csv(args.vol, vol_rows, seg.labels)
+        write_volumes_csv(args.vol, vol_rows, output_labels(seg, parc))
     if args.qc and qc_rows:
         write_qc_csv(args.qc, qc_rows)
     return report.finish()

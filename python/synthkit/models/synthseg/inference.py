@@ -12,12 +12,14 @@ from ...predict import largest_component
 
 class Segmentation:
     """One scan's result on the 1 mm output grid ``grid`` (a Conformed whose data is the rescaled
-    scan): ``hard`` labels, soft ``volumes`` (mm^3 per label), ``qc`` scores per QC group, and
-    the full posteriors (X, Y, Z, C) when they were asked for (else None)."""
+    scan): ``hard`` labels, soft ``volumes`` (mm^3 per label; with a parcellation the parcels
+    too), ``qc`` scores per QC group, and the full posteriors (X, Y, Z, C) when they were asked
+    for (else None), whose channels are ``posterior_labels``."""
 
-    def __init__(self, hard, grid, volumes, qc, posteriors=None):
+    def __init__(self, hard, grid, volumes, qc, posteriors=None, posterior_labels=None):
         self.hard, self.grid, self.volumes, self.qc = hard, grid, volumes, qc
         self.posteriors = posteriors
+        self.posterior_labels = posterior_labels
 
 
 class Summary:
@@ -102,9 +104,11 @@ class Segmenter:
         full_box = tuple(slice(c.start + b.start, c.start + b.stop) for c, b in zip(crop, box))
         return post[box].astype(np.float32, copy=False), full_box
 
-    def segment(self, data, affine, fast=False, crop=None, keep_posteriors=False):
+    def segment(self, data, affine, fast=False, crop=None, keep_posteriors=False, parc=None):
         """Segment a 3-D array with its affine; ``crop`` (mm, 3 ints) analyses a centred box;
-        ``keep_posteriors``: also return the full 1 mm posteriors (the only large array).
+        ``keep_posteriors``: also return the full 1 mm posteriors (the only large array);
+        ``parc``: a :class:`synthkit.models.synthparc.inference.Parcellator` that splits the
+        cortex into its parcels (labels, volumes and posteriors).
 
         Post-processing runs on the network grid; a coarser network grid's posteriors then come
         to the 1 mm output grid slab by slab (trilinear), each slab giving its hard labels,
@@ -121,23 +125,48 @@ class Segmenter:
         if not fast:      # smoothing of half a 1 mm voxel, in network voxels
             post = postprocess(post, self.labels, smooth_sigma=0.5 / self.voxsize)
         bg = self.labels.index(0)
+        parcels = None
+        if parc is not None:
+            from ..synthparc import inference as parcellation
+            if parc.voxsize != self.voxsize:
+                raise ValueError('the parcellation model works at %g mm, the segmentation '
+                                 'model at %g mm' % (parc.voxsize, self.voxsize))
+            on_net = hard_segmentation(post, self.labels)
+            parcels = parc.posteriors(net.data[box], on_net == 3, on_net == 42, flip=not fast)
+        post_labels = parcellation.output_labels(self.labels) if parc is not None else \
+            self.labels
         hard = np.zeros(grid.data.shape, np.int32)
         full = None
         if keep_posteriors:
-            full = np.zeros(grid.data.shape + (len(self.labels),), np.float32)
+            full = np.zeros(grid.data.shape + (len(post_labels),), np.float32)
             full[..., bg] = 1
         summary = Summary(self.labels)
+        # the 1 mm parcel posteriors are built only for --post: labels and volumes need none
+        split = parcels if full is not None else None
         if net is grid:
-            parts = [(box, post)]
+            parts = [(box, post, split)]
         else:
-            parts = predict.upsample_slabs(post, box, net.affine, grid.data.shape, grid.affine,
-                                           bg_channel=bg)
-        for sl, part in parts:
-            hard[sl] = hard_segmentation(part, self.labels)
+            def slabs(x, bg_channel):
+                return predict.upsample_slabs(x, box, net.affine, grid.data.shape, grid.affine,
+                                              bg_channel=bg_channel)
+            parts = ((sl, part, None) for sl, part in slabs(post, bg)) if split is None else \
+                ((sl, part, q) for (sl, part), (_, q) in zip(slabs(post, bg), slabs(split, 0)))
+        for sl, part, q in parts:
+            h = hard_segmentation(part, self.labels)
             summary.add(part)
+            hard[sl] = h
             if full is not None:
-                full[sl] = part
-        return Segmentation(hard, grid, summary.volumes(), summary.qc(), full)
+                full[sl] = part if q is None else \
+                    parcellation.split_cortex(part, self.labels, q, h.copy())
+        volumes = summary.volumes()
+        if parc is not None:
+            box_affine = net.affine.copy()
+            box_affine[:3, 3] += net.affine[:3, :3] @ [s.start for s in box]
+            parcellation.label_cortex(hard, grid.affine, parcels, box_affine)
+            volumes.update(parcellation.parcel_volumes(
+                post, self.labels, parcels, {3: volumes[3], 42: volumes[42]},
+                float(abs(np.linalg.det(net.affine[:3, :3])))))
+        return Segmentation(hard, grid, volumes, summary.qc(), full, post_labels)
 
 
 def postprocess(post, out_labels, smooth_sigma=0.5, threshold=0.25):

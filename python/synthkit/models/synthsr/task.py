@@ -27,7 +27,7 @@ from scipy import ndimage
 from ... import labels as lab
 from ... import losses, nets
 from ... import generator as gen
-from ...task import Options, Task, TrainConfig
+from ...task import Options, Task, TrainConfig, resolve_subject, subjects_beside
 
 #: FreeSurfer's T1 scale: white matter is normalized to 110
 WM_T1 = 110.0
@@ -231,11 +231,7 @@ class SRTask(Task):
         """Training maps: the whole-head label maps (rendered targets) and the real-T1 FreeSurfer
         subjects of ``fs_subjects/`` beside their folder; the last of each, sorted, is held out."""
         maps = sorted(maps)
-        subjects_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(maps[0]))),
-                                    'fs_subjects') if maps else ''
-        subjects = sorted(os.path.join(subjects_dir, s) for s in os.listdir(subjects_dir)
-                          if os.path.isfile(os.path.join(subjects_dir, s, 'T1.mgz'))) \
-            if os.path.isdir(subjects_dir) else []
+        subjects = subjects_beside(maps, ('T1.mgz', 'aseg.mgz'))
         if len(maps) < 2:
             raise ValueError('need at least 2 label maps, got %d' % len(maps))
         val = [maps[-1]] + subjects[-1:]
@@ -248,7 +244,7 @@ class SRTask(Task):
                        'strip_prob': 0.1, 'fov_prob': 0.05,
                        'isotropic_range_mm': (1.0, 3.0), 'anisotropic_range_mm': (2.0, 8.0),
                        'anisotropic_prob': 0.7, 'noise_std_max': 0.03},
-            val_pairs=4, val_every=100, learning_rate=5e-4)
+            val_pairs=4, val_every=100, learning_rate=3e-4)
 
     # ------------------------------------------------------------------------------- model
     def network(self):
@@ -289,7 +285,7 @@ class SRTask(Task):
 
     # -------------------------------------------------------------------------------- data
     def make_bank(self, paths):
-        return gen.LabelMapBank([_resolve(p) for p in paths], loader=load_training_item)
+        return gen.LabelMapBank([resolve_subject(p) for p in paths], loader=load_training_item)
 
     def sample(self, sampler, bank, rng, n):
         real = [i for i, im in enumerate(bank.images) if im is not None]
@@ -367,16 +363,6 @@ class SRTask(Task):
             text += ' + %.2g x soft Dice of the frozen SynthSeg (%s) on the prediction' % (
                 self.opts.seg_weight, self.opts.seg_model)
         return text + '; validation score: correlation with the target T1'
-
-
-def _resolve(path):
-    """``path``, or where a held-out subject named by the model card (``label_dir/sub-07``)
-    lies: in ``fs_subjects/`` beside the label maps' folder."""
-    if os.path.exists(path):
-        return path
-    other = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), 'fs_subjects',
-                         os.path.basename(path))
-    return other if os.path.isdir(other) else path
 
 
 def _stripped(image, labels, dark=0.01):

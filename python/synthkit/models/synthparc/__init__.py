@@ -1,0 +1,1 @@
+"""Cortical parcellation (mri_synthseg --parc): the second network of SynthSeg 2.0."""

@@ -1,0 +1,123 @@
+"""Cortical parcellation of one scan on SynthSeg's network grid: the image and the cortex the
+first network found -> parcel posteriors, flip-averaged with the hemispheres swapped."""
+
+import numpy as np
+from scipy import ndimage
+
+from ... import nets
+from ... import labels as lab
+from ...cli import common
+from .task import CHANNEL_LABELS, N_SIDE
+
+#: Blur of the hard cortex mask given to the network (2 mm voxels): the middle of the range the
+#: training masks were blurred with (:func:`synthkit.models.synthparc.task.perturb_cortex`).
+MASK_SIGMA = 0.35
+
+
+class Parcellator:
+    """The loaded parcellation network."""
+
+    def __init__(self, weights=None, card=None):
+        path, card = (weights, card) if card is not None else \
+            common.find_model('synthparc', weights)
+        self.model, self.cfg = nets.load_unet(path, card)
+        self.labels = tuple(card['output_labels'])
+        if self.labels != CHANNEL_LABELS:
+            raise common.ToolError('%s: not a Desikan-Killiany parcellation model (its card '
+                                   'lists other output labels)' % path)
+        self.voxsize = float(card['input'].get('voxsize_mm', 2.0))
+        self.card = card
+
+    def posteriors(self, image, left, right, flip=True):
+        """Parcel posteriors (X, Y, Z, 69) float32 of ``image`` (X, Y, Z) on the network grid
+        (LIA: axis 0 is left-right) with hard masks ``left`` / ``right`` of the cortex of each
+        hemisphere; ``flip`` averages in the mirrored prediction (cortex masks and parcels of
+        the two hemispheres swapped)."""
+        x = np.stack([np.asarray(image, np.float32), _soft(left), _soft(right)], -1)
+        shape = x.shape[:3]
+        d = self.cfg.divisor
+        x = np.pad(x, [(0, -n % d) for n in shape] + [(0, 0)])
+        pred = np.array(self.model.predict_on_batch(x[None]), np.float32)[0]     # writable
+        if flip:
+            mirrored = np.flip(x, 0)[..., [0, 2, 1]]
+            other = np.asarray(self.model.predict_on_batch(np.ascontiguousarray(mirrored)[None]),
+                               np.float32)[0]
+            pred += np.flip(other, 0)[..., lab.lr_swap_table(self.labels)]
+            pred *= 0.5
+        return pred[tuple(slice(0, n) for n in shape)]
+
+
+def _soft(mask):
+    return ndimage.gaussian_filter(np.asarray(mask, np.float32), MASK_SIGMA)
+
+
+def label_cortex(hard, hard_affine, parcels, parcels_affine):
+    """Give every cortex voxel (3 / 42) of the label map ``hard`` (in place) the most likely
+    parcel of its hemisphere, from the parcel posteriors ``parcels`` (x, y, z, 69) of a coarser
+    grid (``parcels_affine``), interpolated (trilinear) at the cortex voxels only: the 1 mm
+    parcel posteriors are never built."""
+    to_parcels = np.linalg.inv(parcels_affine) @ hard_affine
+    for side, cortex in enumerate((3, 42)):
+        idx = np.nonzero(hard == cortex)
+        if not idx[0].size:
+            continue
+        pts = to_parcels[:3, :3] @ np.stack(idx).astype(np.float64) + to_parcels[:3, 3:4]
+        chans = range(1 + side * N_SIDE, 1 + (side + 1) * N_SIDE)
+        best = np.full(idx[0].size, -1.0, np.float32)
+        winner = np.zeros(idx[0].size, np.int32)
+        for c in chans:
+            v = ndimage.map_coordinates(parcels[..., c], pts, order=1, mode='nearest')
+            better = v > best
+            best[better] = v[better]
+            winner[better] = lab.PARCEL_LABELS[c - 1]
+        hard[idx] = winner
+
+
+def parcel_volumes(post, seg_labels, parcels, cortex_volumes, voxel_volume):
+    """``{parcel: soft volume}``: on the network grid, each voxel's cortex posterior (``post``,
+    channels ``seg_labels``) times the parcel's share of its hemisphere's parcel posteriors
+    (``parcels``), in ``voxel_volume`` units, then rescaled so that each hemisphere's parcels
+    add up to its cortex volume on the output grid (``cortex_volumes``: {3: v, 42: v})."""
+    seg_labels = list(seg_labels)
+    out = {}
+    for side, cortex in enumerate((3, 42)):
+        qs = np.asarray(parcels[..., 1 + side * N_SIDE:1 + (side + 1) * N_SIDE], np.float32)
+        total = qs.sum(-1, keepdims=True)
+        share = np.where(total > 0, qs / np.maximum(total, 1e-12), 1.0 / N_SIDE)
+        vol = (post[..., seg_labels.index(cortex), None] * share).reshape(-1, N_SIDE).sum(
+            0, dtype=np.float64) * voxel_volume
+        if vol.sum() > 0:
+            vol *= cortex_volumes[cortex] / vol.sum()
+        out.update(zip(lab.PARCEL_LABELS[side * N_SIDE:(side + 1) * N_SIDE], vol.tolist()))
+    return out
+
+
+def split_cortex(part, seg_labels, parcels, hard):
+    """Parcellate the cortex of one part of the output (e.g. a slab).
+
+    ``part``: segmentation posteriors (..., 33) in the order of ``seg_labels``; ``parcels``:
+    parcel posteriors (..., 69) on the same voxels; ``hard``: its hard aseg labels, changed in
+    place: cortex voxels (3 / 42) become the most likely parcel of their hemisphere.
+    Returns the posteriors with each cortex channel split into its hemisphere's parcels in
+    proportion to the parcel posteriors (..., 31 + 68: the non-cortex channels of
+    ``seg_labels`` in order, then :data:`synthkit.labels.PARCEL_LABELS`), so that the parcels'
+    soft volumes add up to the cortex's."""
+    seg_labels = list(seg_labels)
+    q = np.asarray(parcels, np.float32)[..., 1:]
+    out = []
+    for side, cortex in enumerate((3, 42)):
+        qs = q[..., side * N_SIDE:(side + 1) * N_SIDE]
+        winner = np.asarray(lab.PARCEL_LABELS[side * N_SIDE:(side + 1) * N_SIDE])[
+            np.argmax(qs, axis=-1)]
+        sel = hard == cortex
+        hard[sel] = winner[sel]
+        total = qs.sum(-1, keepdims=True)
+        share = np.where(total > 0, qs / np.maximum(total, 1e-12), 1.0 / N_SIDE)
+        out.append(part[..., seg_labels.index(cortex), None] * share)
+    keep = [c for c, label in enumerate(seg_labels) if label not in (3, 42)]
+    return np.concatenate([part[..., keep]] + out, axis=-1)
+
+
+def output_labels(seg_labels):
+    """Channel labels of :func:`split_cortex`'s posteriors."""
+    return tuple(label for label in seg_labels if label not in (3, 42)) + lab.PARCEL_LABELS
