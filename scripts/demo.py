@@ -9,7 +9,11 @@ the registration target is the MNI ICBM152 2009a template (PyPI's nilearn wheel,
 2. mri_synthstrip: skull-stripped brain, brain mask, QC picture;
 3. mri_synthmorph register: the stripped Colin27 brain onto the MNI152 template (affine, then
    deformable), with a QC picture (fixed, moved, checkerboard); then mri_synthmorph apply
-   carries the segmentation along (nearest neighbour).
+   carries the segmentation along (nearest neighbour);
+4. mri_synthsr (once its model is shipped): a 5 mm thick-slice version of the head (made here:
+   5 slices averaged, every 5th kept) back to a 1 mm MPRAGE-like T1, with a QC picture (input
+   above, output below).
+With a shipped parcellation model, step 1 also parcellates the cortex (--parc).
 
 Everything is written to --out (default demo/); the summary lists the files and times.
 """
@@ -52,6 +56,27 @@ def step(title, cmd):
     return seconds
 
 
+def shipped(name):
+    """Whether model ``name``'s weights are shipped (what the tools would load)."""
+    folder = os.environ.get('SYNTHKIT_MODELS') or os.path.join(ROOT, 'models')
+    return os.path.isfile(os.path.join(folder, name + '.weights.h5'))
+
+
+def thick_slices(path, out, factor=5):
+    """Write ``path`` as thick slices along its third voxel axis: ``factor`` slices averaged,
+    one kept in ``factor`` (what a clinical 5 mm acquisition looks like)."""
+    import nibabel as nib
+    import numpy as np
+    img = nib.load(path)
+    data = np.asarray(img.dataobj, np.float32)
+    n = data.shape[2] // factor * factor
+    thick = data[:, :, :n].reshape(data.shape[0], data.shape[1], n // factor, factor).mean(-1)
+    aff = img.affine.copy()
+    aff[:3, 2] *= factor
+    aff[:3, 3] += img.affine[:3, 2] * (factor - 1) / 2
+    nib.save(nib.Nifti1Image(thick, aff), out)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument('--out', default=os.path.join(ROOT, 'demo'))
@@ -68,9 +93,11 @@ def main():
     o = lambda name: os.path.join(out, name)  # noqa: E731
     j = str(args.threads)
     times = {}
-    times['segmentation'] = step('segmentation (mri_synthseg)', tool('mri_synthseg') + [
+    parc = ['--parc'] if shipped('synthparc') else []
+    times['segmentation'] = step('segmentation%s (mri_synthseg)' % (
+        ' and cortical parcellation' if parc else ''), tool('mri_synthseg') + [
         '--i', head, '--o', o('colin27_synthseg.mgz'), '--vol', o('colin27_volumes.csv'),
-        '--qc', o('colin27_qc.csv'), '--png', '--threads', j])
+        '--qc', o('colin27_qc.csv'), '--png', '--threads', j] + parc)
     times['skull stripping'] = step('skull stripping (mri_synthstrip)', tool('mri_synthstrip') + [
         '-i', head, '-o', o('colin27_brain.nii.gz'), '-m', o('colin27_brainmask.nii.gz'),
         '--png', '-t', j])
@@ -82,6 +109,15 @@ def main():
                                    tool('mri_synthmorph') + [
         'apply', '-m', 'nearest', o('colin27_to_mni152_warp.nii.gz'), o('colin27_synthseg.mgz'),
         o('colin27_synthseg_in_mni152.mgz')])
+
+    if shipped('synthsr'):
+        thick = o('colin27_5mm_slices.nii.gz')
+        thick_slices(head, thick)
+        times['super-resolution'] = step('5 mm slices to a 1 mm T1 (mri_synthsr)',
+                                         tool('mri_synthsr') + [
+            '--i', thick, '--o', o('colin27_5mm_synthsr.nii.gz'), '--png', '--threads', j])
+    else:
+        print('== super-resolution (mri_synthsr): skipped, its model is not trained yet')
 
     with open(o('colin27_volumes.csv')) as f:
         row = next(csv.DictReader(f))
