@@ -265,3 +265,45 @@ def test_synthsr_ct_clips_before_rescaling(tmp_path, sr_model, monkeypatch, caps
         assert code == 0, err
         outs.append(np.asarray(nib.load(out).dataobj))
     assert not np.allclose(outs[0], outs[1])
+
+
+def test_hybrid_network_trains_checkpoints_exports_and_synthesizes(tmp_path, bank_cfg,
+                                                                  monkeypatch):
+    """seg_input: the SR U-Net is fed the frozen SynthSeg's posteriors of its input too; the
+    checkpoint reloads, the export carries the segmenter inside (the card says how to build
+    it), and mri_synthsr's Synthesizer rebuilds and runs it."""
+    from synthkit import trainer
+    from synthkit.models.synthsr.inference import Synthesizer
+    seg_cfg = nets.UNetConfig(features=4, levels=2, convs_per_level=1)
+    prefix = str(tmp_path / 'synthseg')
+    seeded(nets.unet(seg_cfg), 1).save_weights(prefix + '.weights.h5')
+    with open(prefix + '.json', 'w') as f:
+        json.dump({'task': 'synthseg', 'architecture': {'type': 'unet', **seg_cfg.to_dict()},
+                   'input': {'voxsize_mm': 2.0, 'norm_statistics': 'image'}}, f)
+    cfg = TrainConfig(**{**bank_cfg.__dict__, 'steps': 2, 'val_every': 2,
+                         'task_options': {'seg_weight': 0.25, 'seg_model': prefix,
+                                          'seg_input': True}})
+    task = models.create(cfg)
+    net = task.network()
+    assert net.get_layer('sr_core').input.shape[-1] == 1 + len(lab.SEGMENTATION_LABELS)
+    assert not net.get_layer('frozen_synthseg').trainable_weights
+    run = str(tmp_path / 'run')
+    trainer.Trainer(cfg, run, progress=False).run()
+    model = task.load_checkpoint(os.path.join(run, 'ckpt.keras'))
+    x = np.random.default_rng(0).random((1, 24, 24, 24, 1)).astype(np.float32)
+    expected = np.asarray(task.bare(model).predict_on_batch(x))
+    # the frozen segmenter inside came back with its weights (not freshly initialized)
+    inside = task.bare(model).get_layer('frozen_synthseg')
+    original = srtask.frozen_segmenter(prefix)[0]
+    for a, b in zip(inside.weights, original.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    card = trainer.export(run, str(tmp_path / 'synthsr'))
+    assert card['architecture']['type'] == 'synthsr_hybrid'
+    assert card['architecture']['segmenter_norm_statistics'] == 'image'
+    sr = Synthesizer(str(tmp_path / 'synthsr.weights.h5'), card)
+    assert sr.divisor == 4
+    np.testing.assert_allclose(np.asarray(sr.model.predict_on_batch(x)), expected, atol=1e-5)
+    data = np.zeros((30, 30, 30), np.float32)
+    data[5:25, 5:25, 5:25] = np.random.default_rng(1).random((20, 20, 20)) + 1
+    out = sr.synthesize(data, np.eye(4))
+    assert out.image.shape == out.grid.data.shape and np.isfinite(out.image).all()

@@ -35,7 +35,12 @@ class Synthesizer:
     def __init__(self, weights=None, card=None):
         path, card = (weights, card) if card is not None else \
             common.find_model('synthsr', weights)
-        self.model, self.cfg = nets.load_unet(path, card)
+        if card['architecture']['type'] == 'synthsr_hybrid':
+            from .task import load_hybrid
+            self.model, self.divisor = load_hybrid(path, card['architecture'])
+        else:
+            self.model, cfg = nets.load_unet(path, card)
+            self.divisor = cfg.divisor
         self.card = card
 
     def synthesize(self, data, affine, flip=True, sharpening=True, crop=None, progress=None):
@@ -47,11 +52,11 @@ class Synthesizer:
         bounded on large fields of view; voxels outside the input's field of view (or where the
         rescaled input is zero) are zero in the output."""
         grid = geometry.conform((data, affine), voxsize=1.0, crop=crop, multiple=16)
-        box = content_box(grid.data, self.cfg.divisor, margin=8)
+        box = content_box(grid.data, self.divisor, margin=8)
         x = grid.data[box]
         out = np.zeros(grid.data.shape, np.float32)
         pred = predict.predict_tiled(self.model, x, tile=160, overlap=32,
-                                     divisor=self.cfg.divisor,
+                                     divisor=self.divisor,
                                      flip=(0, [0]) if flip else None, empty=[0.0],
                                      progress=progress)[..., 0]
         np.maximum(pred, 0, out=pred)

@@ -159,9 +159,7 @@ def frozen_segmenter(prefix):
     model = nets.unet(cfg, name='frozen_synthseg')
     nets.load_weights(model, prefix + '.weights.h5')
     if card.get('input', {}).get('norm_statistics') == 'image':
-        for layer in model.layers:       # after loading: the weights file names the classes
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.__class__ = ImageStatisticsNorm
+        _image_statistics(model)
     model.trainable = False
     return model, card
 
@@ -200,11 +198,49 @@ CUSTOM_OBJECTS = {'ImageStatisticsNorm': ImageStatisticsNorm, 'MinMax': MinMax,
                   'L1Loss': L1Loss, 'SoftDiceLoss': SoftDiceLoss}
 
 
+def hybrid_network(cfg, segmenter, name='synthsr_unet'):
+    """The SR network fed with the frozen SynthSeg's view of its input too: the image and the
+    33 posteriors of ``segmenter`` on it (at 2 mm, back to 1 mm by nearest neighbour) go into a
+    U-Net of ``cfg`` (whose ``in_channels`` must be 34). The posteriors are contrast-invariant
+    from the first step, so the U-Net learns to render a T1 from them rather than to segment
+    from scratch. Inputs must be multiples of 2x the segmenter's divisor."""
+    inp = keras.Input((None, None, None, 1), name='image')
+    low = keras.layers.AveragePooling3D(2, name='input_to_2mm')(inp)
+    post = segmenter(MinMax(name='input_minmax')(low))
+    up = keras.layers.UpSampling3D(2, name='posteriors_to_1mm')(post)
+    x = keras.layers.Concatenate(name='image_and_posteriors')([inp, up])
+    out = nets.unet(cfg, name='sr_core')(x)
+    return keras.Model(inp, out, name=name)
+
+
+def load_hybrid(weights, architecture):
+    """The exported hybrid network of a model card's ``architecture`` (type
+    ``synthsr_hybrid``) with ``weights``: (model, input divisor)."""
+    strip = lambda d: {k: v for k, v in d.items() if k != 'type'}   # noqa: E731
+    seg_cfg = nets.UNetConfig.from_dict(strip(architecture['segmenter']))
+    seg = nets.unet(seg_cfg, name='frozen_synthseg')
+    if architecture.get('segmenter_norm_statistics') == 'image':
+        _image_statistics(seg)       # before loading: the weights file names the classes
+    model = hybrid_network(nets.UNetConfig.from_dict(strip(architecture['unet'])), seg)
+    nets.load_weights(model, weights)
+    return model, 2 * seg_cfg.divisor
+
+
+def _image_statistics(model):
+    """Make the batch norm layers of ``model`` :class:`ImageStatisticsNorm` (Keras weights
+    files name the classes: swap after loading a SynthSeg file, before loading a file saved
+    with the swapped classes)."""
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.__class__ = ImageStatisticsNorm
+
+
 @dataclasses.dataclass
 class SROptions(Options):
     seg_weight: float = 0.25       # weight of the Dice of the frozen SynthSeg on the prediction
     seg_model: str = 'models/synthseg'   # its weights prefix (inside checkpoints once trained)
     real_fraction: float = 0.5     # share of examples from real-T1 subjects (if the bank has both)
+    seg_input: bool = False        # feed the frozen SynthSeg's posteriors of the input too
 
 
 class SRTask(Task):
@@ -222,7 +258,9 @@ class SRTask(Task):
     def __init__(self, cfg):
         super().__init__(cfg)
         # the SR network is a layer of the training model when the SynthSeg term is on
-        self.network_layer = 'synthsr_unet' if self.opts.seg_weight else None
+        self.network_layer = 'synthsr_unet' if self.opts.seg_weight or self.opts.seg_input \
+            else None
+        self._segmenter = None
         self.seg_lookup = lab.generation_lookup(lab.SEGMENTATION_LABELS)
         self.n_seg = len(lab.SEGMENTATION_LABELS)
 
@@ -247,13 +285,38 @@ class SRTask(Task):
             val_pairs=4, val_every=100, learning_rate=3e-4)
 
     # ------------------------------------------------------------------------------- model
+    def segmenter(self):
+        """(frozen SynthSeg, its card), loaded once per task."""
+        if self._segmenter is None:
+            self._segmenter = frozen_segmenter(self.opts.seg_model)
+        return self._segmenter
+
+    def core_config(self):
+        """The U-Net of the SR network (34 input channels when fed the posteriors)."""
+        cfg = nets.UNetConfig.from_dict(self.cfg.unet)
+        if self.opts.seg_input:
+            cfg.in_channels = 1 + self.n_seg
+        return cfg
+
     def network(self):
-        return nets.unet(nets.UNetConfig.from_dict(self.cfg.unet), name='synthsr_unet')
+        if self.opts.seg_input:
+            return hybrid_network(self.core_config(), self.segmenter()[0])
+        return nets.unet(self.core_config(), name='synthsr_unet')
+
+    def architecture(self):
+        if not self.opts.seg_input:
+            return super().architecture()
+        seg_card = self.segmenter()[1]
+        return {'type': 'synthsr_hybrid', 'unet': self.core_config().to_dict(),
+                'segmenter': seg_card['architecture'],
+                'segmenter_norm_statistics': seg_card.get('input', {}).get('norm_statistics')}
 
     def training_model(self):
         net = self.network()
         if not self.opts.seg_weight:
             return net
+        # its own copy for the loss term (a layer shared by the network and the training model
+        # would not survive a checkpoint's save and load as one)
         seg, _ = frozen_segmenter(self.opts.seg_model)
         inp = keras.Input((None, None, None, 1), name='image')
         sr = net(inp)
@@ -279,6 +342,7 @@ class SRTask(Task):
             return model
 
     def exported_network(self, model):
+        self._segmenter = None       # a fresh segmenter: the trained one belongs to ``model``
         bare = self.network()
         bare.set_weights(self.bare(model).get_weights())
         return bare
