@@ -13,7 +13,7 @@ import pytest
 
 from helpers import seeded
 from synthkit import labels as lab
-from synthkit import models, nets
+from synthkit import io, models, nets
 from synthkit.models.synthparc import task as parctask
 from synthkit.models.synthparc.inference import (Parcellator, label_cortex, output_labels,
                                                  parcel_volumes, split_cortex)
@@ -230,6 +230,8 @@ def test_synthseg_parc_end_to_end(tmp_path, monkeypatch, capsys):
     seg = np.asarray(nib.load(out).dataobj)
     allowed = set(SEG_LABELS) - {3, 42} | set(lab.PARCEL_LABELS)
     assert set(np.unique(seg).tolist()) <= allowed
+    lut = io.load_lut(out)                         # the embedded colour table has the parcels
+    assert lut[1035] == ('ctx-lh-insula', (255, 192, 32)) and lut[2001][0] == 'ctx-rh-bankssts'
     rows = list(csv.reader(open(vol)))
     header, values = rows[0], dict(zip(rows[0], rows[1]))
     assert header[-68:] == [lab.name(k) for k in lab.PARCEL_LABELS]
