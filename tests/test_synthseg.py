@@ -59,6 +59,28 @@ class ConstModel:
         return p[None]
 
 
+class ChannelModel:
+    """Stand-in network of 3 input channels: x0 + 2 x1 (pointwise)."""
+    output_shape = (None, None, None, None, 1)
+
+    def predict_on_batch(self, x):
+        x = np.asarray(x)
+        return x[..., :1] + 2 * x[..., 1:2]
+
+
+def test_predict_tiled_takes_input_channels_and_permutes_them_when_mirrored():
+    x = np.random.default_rng(2).random((32, 24, 16, 3)).astype(np.float32)
+    tiled = predict.predict_tiled(ChannelModel(), x, tile=16, overlap=8, divisor=8)
+    np.testing.assert_allclose(tiled[..., 0], x[..., 0] + 2 * x[..., 1], atol=1e-5)
+    # mirrored with channels 1 and 2 swapped: the average of x0 + 2 x1 and x0 + 2 x2
+    both = predict.predict_tiled(ChannelModel(), x, tile=16, overlap=8, divisor=8,
+                                 flip=(0, [0], [0, 2, 1]))
+    np.testing.assert_allclose(both[..., 0], x[..., 0] + x[..., 1] + x[..., 2], atol=1e-5)
+    x[..., 0] = 0                      # a zero first channel (no image) is not run
+    empty = predict.predict_tiled(ChannelModel(), x, tile=16, overlap=8, divisor=8, empty=[0.5])
+    assert np.allclose(empty, 0.5)
+
+
 def test_predict_tiled_matches_whole_volume_for_pointwise_model():
     x = np.random.default_rng(1).random((48, 40, 32)).astype(np.float32)
     whole = ConstModel().predict_on_batch(x[None, ..., None])[0]

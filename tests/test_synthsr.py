@@ -302,7 +302,11 @@ def test_hybrid_network_trains_checkpoints_exports_and_synthesizes(tmp_path, ban
     assert card['architecture']['segmenter_norm_statistics'] == 'image'
     sr = Synthesizer(str(tmp_path / 'synthsr.weights.h5'), card)
     assert sr.divisor == 4
-    np.testing.assert_allclose(np.asarray(sr.model.predict_on_batch(x)), expected, atol=1e-5)
+    # run apart (segmenter on the whole image, the U-Net on the image and its posteriors) it
+    # is the trained network (up to the float16 posteriors)
+    split = np.asarray(sr.model.predict_on_batch(
+        sr.with_posteriors(x[0, ..., 0]).astype(np.float32)[None]))
+    np.testing.assert_allclose(split, expected, atol=2e-3)
     data = np.zeros((30, 30, 30), np.float32)
     data[5:25, 5:25, 5:25] = np.random.default_rng(1).random((20, 20, 20)) + 1
     out = sr.synthesize(data, np.eye(4))

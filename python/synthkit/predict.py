@@ -21,19 +21,22 @@ def _axis_tiles(n, tile, overlap, divisor):
 
 def predict_tiled(model, x, tile=144, overlap=16, divisor=8, flip=None, dtype=np.float32,
                   empty=0, progress=None):
-    """Predict ``model`` on ``x`` (X, Y, Z) in overlapping tiles; returns (X, Y, Z, C).
+    """Predict ``model`` on ``x`` (X, Y, Z), or (X, Y, Z, K) for a network of K input
+    channels, in overlapping tiles; returns (X, Y, Z, C).
 
     Tiles of at most ``tile`` voxels per side overlap by ``overlap``; each tile's outer
     ``overlap // 2`` voxels are down-weighted where a neighbour covers them (a fully
     convolutional network is least reliable near its input's edges). Peak memory is set by
     ``tile`` and by the output (``dtype``, e.g. float16 for large scans), not by the network.
     ``flip=(axis, channel_permutation)`` also predicts each tile mirrored along ``axis`` and
-    averages it in with its channels permuted (left/right label swap). Tiles whose input is
+    averages it in with its channels permuted (left/right label swap); a third element
+    ``(axis, channel_permutation, input_permutation)`` also permutes the mirrored tile's input
+    channels (e.g. posteriors given as inputs). Tiles whose input (its first channel) is
     all zero (outside the field of view or masked) are not run: they get ``empty``, a channel
     index given probability one (e.g. background), or a sequence of per-channel values. Sizes
     must be multiples of ``divisor``.
     """
-    shape = x.shape
+    shape = tuple(x.shape[:3])
     if any(n % divisor for n in shape) or tile % divisor:
         raise ValueError('shape %s and tile %s must be multiples of %d' % (shape, tile, divisor))
     tile, grids = zip(*[_axis_tiles(n, tile, overlap, divisor) for n in shape])
@@ -64,18 +67,22 @@ def _predict_one(model, x, flip=None, empty=0):
     """``model`` on one (X, Y, Z) array -> (X, Y, Z, C) float32, flip-averaged if ``flip``; an
     all-zero input is not run (``empty`` as in :func:`predict_tiled`)."""
     n_out = model.output_shape[-1]
-    if not x.any():
-        pred = np.zeros(x.shape + (n_out,), np.float32)
+    if not (x[..., 0] if x.ndim == 4 else x).any():
+        pred = np.zeros(x.shape[:3] + (n_out,), np.float32)
         if np.ndim(empty):
             pred[:] = np.asarray(empty, np.float32)
         else:
             pred[..., empty] = 1
         return pred
-    patch = np.ascontiguousarray(x, np.float32)[None, ..., None]
+    patch = np.ascontiguousarray(x, np.float32)
+    patch = patch[None] if x.ndim == 4 else patch[None, ..., None]
     pred = np.array(model.predict_on_batch(patch), np.float32)[0]      # writable
     if flip is not None:
-        axis, perm = flip
-        mirrored = np.asarray(model.predict_on_batch(np.flip(patch, axis + 1).copy()),
+        axis, perm = flip[:2]
+        mirrored = np.flip(patch, axis + 1)
+        if len(flip) > 2 and flip[2] is not None:
+            mirrored = mirrored[..., flip[2]]
+        mirrored = np.asarray(model.predict_on_batch(np.ascontiguousarray(mirrored)),
                               np.float32)[0]
         mirrored = np.flip(mirrored, axis)[..., perm]
         pred += mirrored

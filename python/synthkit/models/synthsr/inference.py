@@ -6,6 +6,7 @@ from scipy import ndimage
 
 from ... import geometry, nets, predict
 from ...cli import common
+from ...labels import SEGMENTATION_LABELS, lr_swap_table
 from ..synthseg.inference import content_box
 from .task import WM_T1
 
@@ -35,9 +36,15 @@ class Synthesizer:
     def __init__(self, weights=None, card=None):
         path, card = (weights, card) if card is not None else \
             common.find_model('synthsr', weights)
+        self.segmenter = None
         if card['architecture']['type'] == 'synthsr_hybrid':
             from .task import load_hybrid
-            self.model, self.divisor = load_hybrid(path, card['architecture'])
+            hybrid, self.divisor = load_hybrid(path, card['architecture'])
+            # run apart: the segmenter once on the whole image (its batch norm on the whole
+            # image's statistics, as mri_synthseg runs it: per-tile statistics show as seams),
+            # the U-Net in tiles on the image and those posteriors
+            self.segmenter = hybrid.get_layer('frozen_synthseg')
+            self.model = hybrid.get_layer('sr_core')
         else:
             self.model, cfg = nets.load_unet(path, card)
             self.divisor = cfg.divisor
@@ -55,10 +62,15 @@ class Synthesizer:
         box = content_box(grid.data, self.divisor, margin=8)
         x = grid.data[box]
         out = np.zeros(grid.data.shape, np.float32)
-        pred = predict.predict_tiled(self.model, x, tile=160, overlap=32,
+        inputs, mirror = x, (0, [0])
+        if self.segmenter is not None:
+            inputs = self.with_posteriors(x)
+            mirror = (0, [0], [0] + [1 + i for i in lr_swap_table(SEGMENTATION_LABELS)])
+        pred = predict.predict_tiled(self.model, inputs, tile=160, overlap=32,
                                      divisor=self.divisor,
-                                     flip=(0, [0]) if flip else None, empty=[0.0],
+                                     flip=mirror if flip else None, empty=[0.0],
                                      progress=progress)[..., 0]
+        del inputs
         np.maximum(pred, 0, out=pred)
         pred *= np.float32(WM_T1)
         inside = ndimage.binary_dilation(x > 0, iterations=2)
@@ -67,3 +79,21 @@ class Synthesizer:
             pred = sharpen(pred, mask=inside)
         out[box] = pred
         return Result(out, grid)
+
+    def with_posteriors(self, x):
+        """(X, Y, Z, 34) float16: the image ``x`` (sizes multiples of 2) and the segmenter's
+        posteriors of it, computed at 2 mm (2x2x2 averages, min-max normalized, as in training)
+        and repeated back to 1 mm (nearest neighbour, as the network was trained)."""
+        n = [s // 2 for s in x.shape]
+        low = x.reshape(n[0], 2, n[1], 2, n[2], 2).mean((1, 3, 5))
+        low = (low - low.min()) / (low.max() - low.min() + 1e-6)
+        divisor = self.divisor // 2
+        pad = [(0, -k % divisor) for k in n]
+        post = np.asarray(self.segmenter.predict_on_batch(np.pad(low, pad)[None, ..., None]),
+                          np.float32)[0][:n[0], :n[1], :n[2]]
+        out = np.empty(tuple(x.shape) + (1 + post.shape[-1],), np.float16)
+        out[..., 0] = x
+        for axis_offsets in np.ndindex(2, 2, 2):
+            sl = tuple(slice(o, None, 2) for o in axis_offsets)
+            out[sl + (slice(1, None),)] = post
+        return out
