@@ -53,8 +53,12 @@ def main():
         cfg.checkpoint_minutes = args.checkpoint_minutes
     run = args.run or os.path.join('runs', args.task)
     if not args.export_only:
-        trainer.Trainer(cfg, run, progress=sys.stderr.isatty(), init=args.init).run(
-            max_minutes=args.minutes, workers=args.workers)
+        t = trainer.Trainer(cfg, run, progress=sys.stderr.isatty(), init=args.init)
+        t.run(max_minutes=args.minutes, workers=args.workers)
+        if t.stopped and args.export:      # a stopped run is not a finished model
+            print('stopped: %s not exported (rerun to resume, or export it with --export-only)'
+                  % args.export, flush=True)
+            return
     if args.export:
         card = trainer.export(run, args.export, label_dir=args.labels)
         print('exported %s.weights.h5 (%d steps)' % (args.export, card['training']['steps']))

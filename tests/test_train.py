@@ -108,6 +108,33 @@ def test_run_resume_and_export(tiny_cfg, tmp_path):
         tuple(v) for v in card['training']['validation_dice_synthetic']]
 
 
+def test_sigterm_stops_at_a_step_with_a_checkpoint(tiny_cfg, tmp_path):
+    """kill (or Ctrl-C) ends the run at the end of the current step, with a checkpoint of it,
+    and the handlers are restored afterwards."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip('signal handlers need the main thread')
+    cfg = TrainConfig(**{**tiny_cfg.__dict__, 'steps': 50, 'checkpoint_minutes': 60})
+    run = str(tmp_path / 'run')
+    t = trainer.Trainer(cfg, run, progress=False)
+    calls = []
+    encode = t.task.encode
+
+    def encode_then_kill(target):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)       # arrives during step 3
+        return encode(target)
+
+    t.task.encode = encode_then_kill
+    before = signal.getsignal(signal.SIGTERM)
+    t.run()
+    assert t.stopped and json.load(open(os.path.join(run, 'state.json')))['step'] == 3
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert os.path.exists(os.path.join(run, 'ckpt.keras'))
+
+
 def test_resume_refuses_a_different_config(tiny_cfg, tmp_path):
     run = str(tmp_path / 'run')
     trainer.Trainer(tiny_cfg, run, progress=False)       # writes the run's config.json

@@ -18,6 +18,8 @@ import datetime
 import json
 import os
 import platform
+import signal
+import threading
 import time
 
 import keras
@@ -72,7 +74,27 @@ class Trainer:
         """Train to ``cfg.steps``, or until ``max_minutes`` of wall time have passed (then
         checkpoint and return: a time budget, e.g. a lent GPU machine's). ``workers`` > 0
         samples the synthetic batches in that many CPU processes (a GPU machine: the network
-        trains on the GPU while its CPU cores generate the data)."""
+        trains on the GPU while its CPU cores generate the data). SIGTERM or SIGINT (Ctrl-C,
+        ``kill``) stops it at the end of the current step with a checkpoint: nothing trained
+        is lost."""
+        self._stop = False
+        handlers = {}
+        #: whether the last run() ended on a signal (before its steps were done)
+        self.stopped = False
+        if threading.current_thread() is threading.main_thread():
+            def stop(signum, frame):
+                self._stop = True
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                handlers[sig] = signal.signal(sig, stop)
+        try:
+            model = self._run(max_minutes, workers)
+            self.stopped = self._stop
+            return model
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+    def _run(self, max_minutes, workers):
         cfg = self.cfg
         state = self._state()
         start = state['step']
@@ -128,7 +150,8 @@ class Trainer:
             vd = ''
             if val is not None and (step % cfg.val_every == 0 or step == cfg.steps):
                 vd = '%.4f' % self.task.validate(model, val)
-            out_of_time = max_minutes is not None and time.time() - t0 > 60 * max_minutes
+            out_of_time = max_minutes is not None and time.time() - t0 > 60 * max_minutes \
+                or self._stop
             if step % 10 == 0 or vd or step == cfg.steps or out_of_time:
                 log.writerow([step, '%.4f' % np.mean(losses), '%.0f' % (seconds0 + time.time() - t0),
                               vd])
@@ -142,8 +165,9 @@ class Trainer:
                 self.save(model, step, seconds0 + time.time() - t0)
                 last_ckpt = time.time()
             if out_of_time:
-                print('stopped at step %d after %.1f min' % (step, (time.time() - t0) / 60),
-                      flush=True)
+                print('stopped at step %d after %.1f min%s' % (
+                    step, (time.time() - t0) / 60, ' (signal)' if self._stop else ''),
+                    flush=True)
                 break
         logf.close()
         if feed is not None:
