@@ -133,7 +133,8 @@ def test_split_cortex_parcels_add_up_to_the_cortex():
     hard[0] = 3
     hard[1] = 42
     before = hard.copy()
-    split = split_cortex(part, SEG_LABELS, q, hard)
+    split = split_cortex(part, SEG_LABELS, q)
+    label_cortex(hard, np.eye(4), q, np.eye(4))      # the labels: the cortex voxels' parcels
     labels = output_labels(SEG_LABELS)
     assert split.shape[-1] == len(labels) == 99
     np.testing.assert_allclose(split.sum(-1), 1, atol=1e-5)
@@ -148,8 +149,8 @@ def test_split_cortex_parcels_add_up_to_the_cortex():
 
 
 def test_label_cortex_and_volumes_agree_with_the_split():
-    """On one grid, labelling the cortex from the parcel posteriors at its voxels gives the
-    split's labels; the soft parcel volumes add up to the cortex volume they are scaled to,
+    """On one grid, labelling the cortex from the parcel posteriors at its voxels gives each
+    voxel its hemisphere's most likely parcel; the soft parcel volumes add up to the cortex volume they are scaled to,
     in the split's proportions."""
     rng = np.random.default_rng(2)
     part = rng.random((6, 5, 4, len(SEG_LABELS))).astype(np.float32)
@@ -158,11 +159,15 @@ def test_label_cortex_and_volumes_agree_with_the_split():
     hard = np.asarray(SEG_LABELS)[np.argmax(part, -1)]
     hard[:2] = 3
     hard[2:4] = 42
-    split_hard = hard.copy()
-    split = split_cortex(part, SEG_LABELS, q, split_hard)
+    expected = hard.copy()
+    for cortex, labels in ((3, lab.PARCEL_LABELS[:34]), (42, lab.PARCEL_LABELS[34:])):
+        first = 1 + lab.PARCEL_LABELS.index(labels[0])
+        best = np.asarray(labels)[np.argmax(q[..., first:first + 34], -1)]
+        expected[hard == cortex] = best[hard == cortex]
+    split = split_cortex(part, SEG_LABELS, q)
     labelled = hard.copy()
     label_cortex(labelled, np.eye(4), q, np.eye(4))
-    assert (labelled == split_hard).all()
+    assert (labelled == expected).all()
     # a coarser parcel grid: the voxel centres of 2 mm voxels land on every other 1 mm voxel
     coarse = np.diag([2.0, 2, 2, 1])
     labelled = hard.copy()

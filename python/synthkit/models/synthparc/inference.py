@@ -4,7 +4,7 @@ first network found -> parcel posteriors, flip-averaged with the hemispheres swa
 import numpy as np
 from scipy import ndimage
 
-from ... import nets
+from ... import nets, predict
 from ... import labels as lab
 from ...cli import common
 from .task import CHANNEL_LABELS, N_SIDE
@@ -37,18 +37,29 @@ class Parcellator:
         shape = x.shape[:3]
         d = self.cfg.divisor
         x = np.pad(x, [(0, -n % d) for n in shape] + [(0, 0)])
-        pred = np.array(self.model.predict_on_batch(x[None]), np.float32)[0]     # writable
-        if flip:
-            mirrored = np.flip(x, 0)[..., [0, 2, 1]]
-            other = np.asarray(self.model.predict_on_batch(np.ascontiguousarray(mirrored)[None]),
-                               np.float32)[0]
-            pred += np.flip(other, 0)[..., lab.lr_swap_table(self.labels)]
-            pred *= 0.5
+        pred = predict.predict_tiled(self.model, x, tile=max(x.shape[:3]), divisor=d,
+                                     flip=(0, lab.lr_swap_table(self.labels), [0, 2, 1])
+                                     if flip else None)      # one tile: the box at 2 mm
         return pred[tuple(slice(0, n) for n in shape)]
 
 
 def _soft(mask):
     return ndimage.gaussian_filter(np.asarray(mask, np.float32), MASK_SIGMA)
+
+
+def _hemisphere(parcels, side):
+    """(parcel labels, their channels of ``parcels`` (..., 69)) of hemisphere ``side`` (0:
+    left, 1: right)."""
+    sl = slice(side * N_SIDE, (side + 1) * N_SIDE)
+    return lab.PARCEL_LABELS[sl], parcels[..., 1 + sl.start:1 + sl.stop]
+
+
+def _shares(q):
+    """Each parcel's share of its hemisphere's parcel posteriors ``q`` (..., 34), uniform
+    where they are all zero."""
+    q = np.asarray(q, np.float32)
+    total = q.sum(-1, keepdims=True)
+    return np.where(total > 0, q / np.maximum(total, 1e-12), 1.0 / N_SIDE)
 
 
 def label_cortex(hard, hard_affine, parcels, parcels_affine):
@@ -62,14 +73,14 @@ def label_cortex(hard, hard_affine, parcels, parcels_affine):
         if not idx[0].size:
             continue
         pts = to_parcels[:3, :3] @ np.stack(idx).astype(np.float64) + to_parcels[:3, 3:4]
-        chans = range(1 + side * N_SIDE, 1 + (side + 1) * N_SIDE)
+        labels, q = _hemisphere(parcels, side)
         best = np.full(idx[0].size, -1.0, np.float32)
         winner = np.zeros(idx[0].size, np.int32)
-        for c in chans:
-            v = ndimage.map_coordinates(parcels[..., c], pts, order=1, mode='nearest')
+        for c, label in enumerate(labels):
+            v = ndimage.map_coordinates(q[..., c], pts, order=1, mode='nearest')
             better = v > best
             best[better] = v[better]
-            winner[better] = lab.PARCEL_LABELS[c - 1]
+            winner[better] = label
         hard[idx] = winner
 
 
@@ -81,39 +92,29 @@ def parcel_volumes(post, seg_labels, parcels, cortex_volumes, voxel_volume):
     seg_labels = list(seg_labels)
     out = {}
     for side, cortex in enumerate((3, 42)):
-        qs = np.asarray(parcels[..., 1 + side * N_SIDE:1 + (side + 1) * N_SIDE], np.float32)
-        total = qs.sum(-1, keepdims=True)
-        share = np.where(total > 0, qs / np.maximum(total, 1e-12), 1.0 / N_SIDE)
-        vol = (post[..., seg_labels.index(cortex), None] * share).reshape(-1, N_SIDE).sum(
+        labels, q = _hemisphere(parcels, side)
+        vol = (post[..., seg_labels.index(cortex), None] * _shares(q)).reshape(-1, N_SIDE).sum(
             0, dtype=np.float64) * voxel_volume
         if vol.sum() > 0:
             vol *= cortex_volumes[cortex] / vol.sum()
-        out.update(zip(lab.PARCEL_LABELS[side * N_SIDE:(side + 1) * N_SIDE], vol.tolist()))
+        out.update(zip(labels, vol.tolist()))
     return out
 
 
-def split_cortex(part, seg_labels, parcels, hard):
-    """Parcellate the cortex of one part of the output (e.g. a slab).
+def split_cortex(part, seg_labels, parcels):
+    """The posteriors of one part of the output (e.g. a slab) with each cortex channel split
+    into its hemisphere's parcels in proportion to the parcel posteriors (for --post).
 
     ``part``: segmentation posteriors (..., 33) in the order of ``seg_labels``; ``parcels``:
-    parcel posteriors (..., 69) on the same voxels; ``hard``: its hard aseg labels, changed in
-    place: cortex voxels (3 / 42) become the most likely parcel of their hemisphere.
-    Returns the posteriors with each cortex channel split into its hemisphere's parcels in
-    proportion to the parcel posteriors (..., 31 + 68: the non-cortex channels of
-    ``seg_labels`` in order, then :data:`synthkit.labels.PARCEL_LABELS`), so that the parcels'
-    soft volumes add up to the cortex's."""
+    parcel posteriors (..., 69) on the same voxels. Returns (..., 31 + 68): the non-cortex
+    channels of ``seg_labels`` in order, then :data:`synthkit.labels.PARCEL_LABELS`, so that
+    the parcels' soft volumes add up to the cortex's. (The labels come from
+    :func:`label_cortex`.)"""
     seg_labels = list(seg_labels)
-    q = np.asarray(parcels, np.float32)[..., 1:]
     out = []
     for side, cortex in enumerate((3, 42)):
-        qs = q[..., side * N_SIDE:(side + 1) * N_SIDE]
-        winner = np.asarray(lab.PARCEL_LABELS[side * N_SIDE:(side + 1) * N_SIDE])[
-            np.argmax(qs, axis=-1)]
-        sel = hard == cortex
-        hard[sel] = winner[sel]
-        total = qs.sum(-1, keepdims=True)
-        share = np.where(total > 0, qs / np.maximum(total, 1e-12), 1.0 / N_SIDE)
-        out.append(part[..., seg_labels.index(cortex), None] * share)
+        _, q = _hemisphere(parcels, side)
+        out.append(part[..., seg_labels.index(cortex), None] * _shares(q))
     keep = [c for c, label in enumerate(seg_labels) if label not in (3, 42)]
     return np.concatenate([part[..., keep]] + out, axis=-1)
 

@@ -33,8 +33,7 @@ CHANNEL_LABELS = (0,) + lab.PARCEL_LABELS
 N_SIDE = len(lab.PARCEL_LABELS) // 2
 
 #: parcel code (channel index) -> the code of the same parcel in the other hemisphere
-SWAP_CODES = np.array([0] + [k + N_SIDE for k in range(1, N_SIDE + 1)]
-                      + [k - N_SIDE for k in range(N_SIDE + 1, 2 * N_SIDE + 1)], np.uint8)
+SWAP_CODES = lab.lr_swap_table(CHANNEL_LABELS).astype(np.uint8)
 
 #: files a training subject needs
 SUBJECT_FILES = ('aparc+aseg.mgz', 'T1.mgz')

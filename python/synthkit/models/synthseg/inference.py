@@ -152,12 +152,10 @@ class Segmenter:
             parts = ((sl, part, None) for sl, part in slabs(post, bg)) if split is None else \
                 ((sl, part, q) for (sl, part), (_, q) in zip(slabs(post, bg), slabs(split, 0)))
         for sl, part, q in parts:
-            h = hard_segmentation(part, self.labels)
+            hard[sl] = hard_segmentation(part, self.labels)
             summary.add(part)
-            hard[sl] = h
             if full is not None:
-                full[sl] = part if q is None else \
-                    parcellation.split_cortex(part, self.labels, q, h.copy())
+                full[sl] = part if q is None else parcellation.split_cortex(part, self.labels, q)
         volumes = summary.volumes()
         if parc is not None:
             box_affine = net.affine.copy()
