@@ -19,7 +19,6 @@ Writes a markdown report (--out) and, with --card, merges the scores into the mo
 """
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import numpy as np
 from synthkit import geometry, io, metrics
 from synthkit import labels as lab
 from synthkit.models.synthseg.inference import Segmenter
-from benchlib import measure, tail
+from benchlib import measure, merge_card, tail, thick_slices
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -53,20 +52,6 @@ def segment(seg, data, affine, fast=False):
 
 def on_grid(hard, affine, shape, dst_affine):
     return geometry.resample(hard, affine, shape, dst_affine, interp='nearest')
-
-
-def thick_slices(data, affine, factor=5, axis=2):
-    """Average ``factor`` slices along ``axis`` and keep one in ``factor``."""
-    n = data.shape[axis] // factor * factor
-    d = np.take(data, np.arange(n), axis=axis)
-    shape = list(d.shape)
-    shape[axis:axis + 1] = [n // factor, factor]
-    thick = d.reshape(shape).mean(axis=axis + 1)
-    new = affine.copy()
-    new[:3, axis] *= factor
-    # the centre of thick slice j sits at old voxel j*factor + (factor-1)/2
-    new[:3, 3] = affine[:3, 3] + affine[:3, axis] * (factor - 1) / 2
-    return thick.astype(np.float32), new
 
 
 def mean(d):
@@ -102,8 +87,8 @@ def main():
 
     seg = Segmenter(args.model)
     parc_lines, parc_scores = parcellation(seg, args)
-    if args.parc_card and parc_scores:
-        merge_scores(args.parc_card, parc_scores)
+    if parc_scores:
+        merge_card(args.parc_card, parc_scores, replace=True)
     if args.parc_only:
         print('\n'.join(parc_lines))
         return
@@ -193,17 +178,7 @@ def main():
     with open(args.out, 'w') as f:
         f.write(text)
     print(text)
-    if args.card:
-        merge_scores(args.card, scores)
-
-
-def merge_scores(path, scores):
-    with open(path) as f:
-        card = json.load(f)
-    card['scores'] = scores
-    with open(path + '.tmp', 'w') as f:
-        json.dump(card, f, indent=2)
-    os.replace(path + '.tmp', path)
+    merge_card(args.card, scores, replace=True)
 
 
 def parcellation(seg, args):

@@ -30,8 +30,8 @@ import numpy as np
 from synthkit import geometry, io, metrics, qc
 from synthkit.models.synthseg.inference import Segmenter
 from synthkit.models.synthsr.inference import Synthesizer
-from benchlib import measure, merge_card, tail
-from bench_synthseg import OASIS, fold, mean, on_grid, segment, thick_slices
+from benchlib import measure, merge_card, tail, thick_slices
+from bench_synthseg import OASIS, fold, mean, on_grid, segment
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

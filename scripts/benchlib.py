@@ -11,6 +11,8 @@ import tempfile
 import time
 import zipfile
 
+import numpy as np
+
 TEMPLATES = 'usr/share/mricron/templates'
 MNI152 = 'nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz'
 
@@ -72,9 +74,9 @@ def measure(cmd, env=None):
     return rc, wall, maxrss / 1024 ** 2, text
 
 
-def merge_card(path, scores):
-    """Update the ``scores`` of the model card at ``path`` (JSON) with ``scores``, atomically;
-    a missing card is reported and skipped."""
+def merge_card(path, scores, replace=False):
+    """Update the ``scores`` of the model card at ``path`` (JSON) with ``scores`` (or, with
+    ``replace``, make them its scores), atomically; a missing card is reported and skipped."""
     if not path:
         return
     if not os.path.isfile(path):
@@ -82,11 +84,29 @@ def merge_card(path, scores):
         return
     with open(path) as f:
         card = json.load(f)
-    card.setdefault('scores', {}).update(scores)
+    if replace:
+        card['scores'] = dict(scores)
+    else:
+        card.setdefault('scores', {}).update(scores)
     with open(path + '.tmp', 'w') as f:
         json.dump(card, f, indent=2)
     os.replace(path + '.tmp', path)
     print('scores merged into %s' % path, flush=True)
+
+
+def thick_slices(data, affine, factor=5, axis=2):
+    """Average ``factor`` slices along ``axis`` and keep one in ``factor`` (a thick-slice
+    acquisition): (data float32, affine)."""
+    n = data.shape[axis] // factor * factor
+    d = np.take(data, np.arange(n), axis=axis)
+    shape = list(d.shape)
+    shape[axis:axis + 1] = [n // factor, factor]
+    thick = d.reshape(shape).mean(axis=axis + 1)
+    new = affine.copy()
+    new[:3, axis] *= factor
+    # the centre of thick slice j sits at old voxel j*factor + (factor-1)/2
+    new[:3, 3] = affine[:3, 3] + affine[:3, axis] * (factor - 1) / 2
+    return thick.astype(np.float32), new
 
 
 def colin27(cache):

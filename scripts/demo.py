@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-from benchlib import colin27, mni152
+from benchlib import colin27, mni152, thick_slices
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -62,18 +62,13 @@ def shipped(name):
     return os.path.isfile(os.path.join(folder, name + '.weights.h5'))
 
 
-def thick_slices(path, out, factor=5):
+def write_thick_slices(path, out, factor=5):
     """Write ``path`` as thick slices along its third voxel axis: ``factor`` slices averaged,
     one kept in ``factor`` (what a clinical 5 mm acquisition looks like)."""
     import nibabel as nib
     import numpy as np
     img = nib.load(path)
-    data = np.asarray(img.dataobj, np.float32)
-    n = data.shape[2] // factor * factor
-    thick = data[:, :, :n].reshape(data.shape[0], data.shape[1], n // factor, factor).mean(-1)
-    aff = img.affine.copy()
-    aff[:3, 2] *= factor
-    aff[:3, 3] += img.affine[:3, 2] * (factor - 1) / 2
+    thick, aff = thick_slices(np.asarray(img.dataobj, np.float32), img.affine, factor, axis=2)
     nib.save(nib.Nifti1Image(thick, aff), out)
 
 
@@ -112,7 +107,7 @@ def main():
 
     if shipped('synthsr'):
         thick = o('colin27_5mm_slices.nii.gz')
-        thick_slices(head, thick)
+        write_thick_slices(head, thick)
         times['super-resolution'] = step('5 mm slices to a 1 mm T1 (mri_synthsr)',
                                          tool('mri_synthsr') + [
             '--i', thick, '--o', o('colin27_5mm_synthsr.nii.gz'), '--png', '--threads', j])

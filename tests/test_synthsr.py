@@ -124,13 +124,20 @@ def test_targets_follow_the_deformed_anatomy(bank_cfg):
                 assert 0.8 < np.median(values) < 1.2
 
 
-def test_training_model_with_frozen_synthseg_trains_and_reloads(tmp_path, bank_cfg):
+def _tiny_synthseg(folder):
+    """A tiny random SynthSeg (2 mm, batch norm on image statistics) in ``folder``: its
+    weights prefix."""
     seg_cfg = nets.UNetConfig(features=4, levels=2, convs_per_level=1)
-    prefix = str(tmp_path / 'synthseg')
+    prefix = str(folder / 'synthseg')
     seeded(nets.unet(seg_cfg), 1).save_weights(prefix + '.weights.h5')
     with open(prefix + '.json', 'w') as f:
         json.dump({'task': 'synthseg', 'architecture': {'type': 'unet', **seg_cfg.to_dict()},
                    'input': {'voxsize_mm': 2.0, 'norm_statistics': 'image'}}, f)
+    return prefix
+
+
+def test_training_model_with_frozen_synthseg_trains_and_reloads(tmp_path, bank_cfg):
+    prefix = _tiny_synthseg(tmp_path)
     cfg = TrainConfig(**{**bank_cfg.__dict__,
                          'task_options': {'seg_weight': 0.25, 'seg_model': prefix}})
     task = models.create(cfg)
@@ -274,12 +281,7 @@ def test_hybrid_network_trains_checkpoints_exports_and_synthesizes(tmp_path, ban
     it), and mri_synthsr's Synthesizer rebuilds and runs it."""
     from synthkit import trainer
     from synthkit.models.synthsr.inference import Synthesizer
-    seg_cfg = nets.UNetConfig(features=4, levels=2, convs_per_level=1)
-    prefix = str(tmp_path / 'synthseg')
-    seeded(nets.unet(seg_cfg), 1).save_weights(prefix + '.weights.h5')
-    with open(prefix + '.json', 'w') as f:
-        json.dump({'task': 'synthseg', 'architecture': {'type': 'unet', **seg_cfg.to_dict()},
-                   'input': {'voxsize_mm': 2.0, 'norm_statistics': 'image'}}, f)
+    prefix = _tiny_synthseg(tmp_path)
     cfg = TrainConfig(**{**bank_cfg.__dict__, 'steps': 2, 'val_every': 2,
                          'task_options': {'seg_weight': 0.25, 'seg_model': prefix,
                                           'seg_input': True}})

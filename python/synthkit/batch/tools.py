@@ -148,9 +148,9 @@ class SynthSeg(Tool):
         from ..models.synthseg.inference import Segmenter
         weights, card = common.find_model('synthseg', self.options.model)
         parc = None
-        if self.options.parc:
+        if self.parc:              # (weights, card), found by check()
             from ..models.synthparc.inference import Parcellator
-            parc = Parcellator(*common.find_model('synthparc', self.options.parc_model))
+            parc = Parcellator(*self.parc)
         return Segmenter(weights, card), parc
 
     def process(self, model, scan, outputs):
