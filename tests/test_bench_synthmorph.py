@@ -68,9 +68,15 @@ def test_targets_need_complete_runs():
             'per_label': per}
     summ = {'synthmorph-joint': full,
             'synthmorph-affine': {**full, 'dice': 0.7},
-            'ants-syn': {**full, 'dice': 0.81, 'seconds': 200.0}}
+            'ants-syn': {**full, 'dice': 0.79, 'seconds': 200.0}}
     got = {name: met for name, _, met in bench.targets(summ, 6)}
-    assert all(got.values()) and len(got) == 5
+    assert all(got.values()) and len(got) == 7
+    summ['ants-syn'] = {**summ['ants-syn'], 'dice': 0.81}
+    got = {name: met for name, _, met in bench.targets(summ, 6)}
+    assert got['Dice >= ANTs SyN'] is False and got['Dice within 0.02 of ANTs SyN'] is True
+    summ['synthmorph-joint'] = {**full, 'seconds': 25.0}
+    assert {n: m for n, _, m in bench.targets(summ, 6)}['<= 20 s per pair (end to end)'] is False
+    summ['synthmorph-joint'] = full
     summ['ants-syn'] = {**summ['ants-syn'], 'n': 5, 'seconds': 50.0}
     got = {name: met for name, _, met in bench.targets(summ, 6)}
     assert got['>= 10x the speed of ANTs SyN'] is None

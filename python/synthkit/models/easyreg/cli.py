@@ -4,8 +4,9 @@ Both scans are first segmented with SynthSeg (segmentations given with --ref_seg
 used as they are; missing ones are computed and saved there). An affine transform is fitted to
 the centroids of the structures segmented in both scans (robust least squares, symmetric: no
 network), then SynthMorph's deformable network finds a symmetric diffeomorphic deformation in
-the affine mid-space of the two scans: the forward and backward fields are exact inverses, and
-swapping --ref and --flo gives the inverse transform.
+the affine mid-space of the two scans, finished by a short symmetric optimization of mutual
+information (--optimize): the forward and backward fields are exact inverses, and swapping
+--ref and --flo gives the inverse transform.
 
 Fields are FreeSurfer EasyReg's: 3-frame images holding, for every voxel of the grid they lie on,
 the absolute RAS mm coordinates of the matching point in the other scan (the forward field lies
@@ -64,9 +65,12 @@ def build_parser():
                    help='number of CPU threads, -1 for all (default: %(default)s)')
     p.add_argument('--mode', choices=('image', 'seg'), default='image',
                    help='(SynthKit) input of the deformable network (default: %(default)s)')
-    p.add_argument('--fine', metavar='MM', type=float, default=1.0,
-                   help='(SynthKit) voxel size of the fine deformable level, 0 for the network '
-                        'grid only (faster, coarser; default: %(default)s)')
+    p.add_argument('--fine', metavar='MM', type=float, default=0.0,
+                   help='(SynthKit) voxel size of a second network level, finer than the '
+                        'network\'s own grid (0: none; default: %(default)g)')
+    p.add_argument('--optimize', metavar='N', type=int, default=50,
+                   help='(SynthKit) iterations of mutual-information optimization after the '
+                        'network (0: none; default: %(default)s)')
     p.add_argument('-v', '--verbose', action='store_true', help='(SynthKit) print each step')
     return p
 
@@ -78,6 +82,8 @@ def main(argv=None):
         parser.error('give at least one output: --ref_reg, --flo_reg, --fwd_field or --bak_field')
     if not (args.fine == 0 or 0.5 <= args.fine <= 4):
         parser.error('--fine must be 0 (off) or a voxel size from 0.5 to 4 mm, got %g' % args.fine)
+    if not 0 <= args.optimize <= 1000:
+        parser.error('--optimize must be from 0 (off) to 1000 iterations, got %d' % args.optimize)
     common.run(PROG, register, args)
 
 
@@ -153,7 +159,8 @@ def register(args):
     reg = EasyReg(deform_model)
     fwd, bak, a = reg.register((np.asarray(ref.data, np.float32), ref.affine),
                                (np.asarray(flo.data, np.float32), flo.affine), ref_seg, flo_seg,
-                               mode=args.mode, fine_mm=args.fine or None, progress=say)
+                               mode=args.mode, fine_mm=args.fine or None,
+                               iterations=args.optimize, progress=say)
     for trans, path in ((fwd, args.fwd_field), (bak, args.bak_field)):
         if path:
             warp = trans.as_warp()

@@ -170,8 +170,8 @@ class EasyReg:
             from ..synthmorph.inference import Registrar
             self.registrar = Registrar(deform_model=deform_model)
 
-    def register(self, ref, flo, ref_seg, flo_seg, mode='image', lam=0.5, steps=7, fine_mm=1.0,
-                 progress=None):
+    def register(self, ref, flo, ref_seg, flo_seg, mode='image', lam=0.5, steps=7, fine_mm=None,
+                 iterations=50, progress=None):
         """``(forward, backward, A)``: :class:`transforms.Transform` s floating -> reference
         grid and back (displacement fields, or matrices without a deformable model), and the
         affine matrix. ``ref``/``flo``: ``(data, affine)`` of the images; ``ref_seg``/``flo_seg``
@@ -196,7 +196,7 @@ class EasyReg:
             raise ValueError("mode must be 'seg' or 'image', got %r" % (mode,))
         u, u_inv, shape, grid = self.registrar.deformation(
             moving, (fixed[0], to_mid @ fixed[1]), half, lam, steps, inverse=True,
-            fine_mm=fine_mm, progress=say)
+            fine_mm=fine_mm, iterations=iterations, progress=say)
         fwd = transforms.Transform(
             disp=warp_to_world(u, grid, ref_geom.shape, ref[1], pre=to_mid, post=to_mid),
             source=flo_geom, target=ref_geom)

@@ -38,9 +38,12 @@ Align a moving image to a fixed image, of any contrast and resolution, skull-str
   deform   a network predicts a stationary velocity field from both scans (assumed already
            affinely aligned, or aligned by -i), integrated by scaling and squaring (-n steps);
            symmetric: the inverse is the integral of the negated field. Smoother for larger -r.
-           Coarse to fine: the network runs on its own 2 mm grid, then once more on a 1 mm
-           grid (--fine) with the moving image warped by the first field; the transform is the
-           composition of both (the inverse, that of their inverses)
+           The network runs on its own 2 mm grid (and with --fine MM once more on a finer grid,
+           on the moving image warped by the first field: the composition of both). Then
+           --optimize N iterations (default 50) of mutual information, from the network's
+           field, add the last millimetres: a symmetric velocity between both images in the
+           network's mid-space, integrated like the network's; contrast-free (intensity
+           relations are learnt from the pair); --optimize 0 keeps the network's field
   joint    affine, then deform (the default)
 
 Transforms (-t, -T) are saved as FreeSurfer LTA matrices (.lta) for rigid and affine, and as
@@ -116,9 +119,13 @@ def build_parser():
     r.add_argument('-n', '--steps', metavar='N', type=int, default=7,
                    help='integration steps of the deformation, at least 5 '
                         '(default: %(default)s)')
-    r.add_argument('--fine', metavar='MM', type=float, default=1.0,
-                   help='voxel size of the fine deformable level; 0 runs only the network\'s '
-                        'own grid: about 3x faster and less accurate (default: %(default)s)')
+    r.add_argument('--fine', metavar='MM', type=float, default=0.0,
+                   help='voxel size of a second network level, finer than the network\'s '
+                        'own grid (0: none; default: %(default)g)')
+    r.add_argument('--optimize', metavar='N', type=int, default=50,
+                   help='iterations of mutual-information optimization after the network, on '
+                        'the last level\'s grid; 0: the network\'s field as it is '
+                        '(default: %(default)s)')
     r.add_argument('-e', '--extent', type=int, choices=(256, 192), default=256,
                    help='isotropic extent of the network grid in mm (default: %(default)s)')
     r.add_argument('-w', '--weights', metavar='FILE', action='append',
@@ -190,6 +197,8 @@ def check_register(args):
         return '-n must be at least 5'
     if not (args.fine == 0 or 0.5 <= args.fine <= 4):
         return '--fine must be 0 (off) or a voxel size from 0.5 to 4 mm, got %g' % args.fine
+    if not 0 <= args.optimize <= 1000:
+        return '--optimize must be from 0 (off) to 1000 iterations, got %d' % args.optimize
     if args.weights and len(args.weights) != len(MODELS[args.model]):
         return '-w: model %s needs %d weight file(s)' % (args.model, len(MODELS[args.model]))
     deformable = args.model in ('deform', 'joint')
@@ -293,7 +302,7 @@ def register(args):
         need_inverse = bool(args.inverse or args.out_fixed)
         u, u_inv, shape, grid = reg.deformation(
             (mdata, mov.affine), (fdata, fix.affine), matrix, args.regularization, args.steps,
-            inverse=need_inverse, fine_mm=args.fine,
+            inverse=need_inverse, fine_mm=args.fine, iterations=args.optimize,
             progress=lambda msg: say('%s (%.1f s)' % (msg, time.time() - t0)))
         fwd = transforms.Transform(
             disp=inference.warp_to_world(u, grid, dst.shape, dst.affine,

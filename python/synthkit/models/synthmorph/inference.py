@@ -11,8 +11,8 @@ import numpy as np
 from keras import ops
 
 from ... import backend, geometry, nets
-from ...layers import utils
-from .network import barycenters, deform_network, feature_net, fit_rigid, fit_symmetric, integrate
+from ...layers import ResizeField, utils
+from .network import barycenters, deform_network, feature_net, fit_rigid, fit_symmetric
 
 
 def build_network(card):
@@ -169,42 +169,99 @@ class Registrar:
         return (v1 - v2) / 2, shape, grid
 
     def deformation(self, moving, fixed, matrix, lam=0.5, steps=7, inverse=True,
-                    fine_mm=None, progress=None):
+                    fine_mm=None, progress=None, iterations=0):
         """Coarse-to-fine deformable registration: ``(fwd, inv, shape, grid)``, displacement
         fields (X, Y, Z, 3) in voxels of the last level's grid ``(shape, grid)`` (the fixed
         image's network grid where the images are; identity beyond it).
 
-        The network runs first on its own grid (the model's voxel size), then, if ``fine_mm``
-        is smaller, once more on a ``fine_mm`` grid, on the moving image already warped by the
-        first result (a finer grid: smaller structures, the same network). Each level is a
-        symmetric SVF; the result is their composition, the inverse (if ``inverse``, else None)
-        the composition of their exact inverses ``exp(-v)``. ``progress(message)`` is told of
-        each level."""
+        Levels: the network on its own grid (the model's voxel size), a symmetric SVF; then, if
+        ``fine_mm`` is smaller, the network once more on a ``fine_mm`` grid, on the moving
+        image already warped by the first result (the composition of the two SVFs). Then, with
+        ``iterations``, the mutual-information optimization of :mod:`.optimize` on the last
+        level's grid, from the network's result: a velocity ``r`` found between the two images
+        in the network's mid-space (moving warped by ``exp(v/2)``, fixed by ``exp(-v/2)``),
+        the result ``exp(v/2) o exp(r) o exp(v/2)``, whose inverse is the same with ``-v`` and
+        ``-r``, so swapping the inputs gives the inverse (after two network levels: ``phi o
+        exp(r)``, the fixed image against the moving one warped by the network's ``phi``).
+
+        The inverse (if ``inverse``, else None) composes the exact inverses. ``progress(message)``
+        is told of each level."""
         levels = [float(self.deform_card['input']['voxsize_mm'])]
         if fine_mm and float(fine_mm) < levels[0]:
             levels.append(float(fine_mm))
-        fwd = inv = grid = None
+        fwd = inv = grid = half = None
+        need_inverse = inverse or bool(iterations)
         for vox in levels:
             level = self.level(moving, fixed, matrix, vox)
             if fwd is not None:                  # the coarse result, on this level's grid
                 fwd = regrid_displacement(fwd, grid, level[0], level[1])
-                if inverse:
+                if need_inverse:
                     inv = regrid_displacement(inv, grid, level[0], level[1])
             vel, shape, grid = self.velocity(moving, fixed, matrix, lam, disp=fwd, level=level)
-            u, u_inv = self.displacements(vel, shape, steps, inverse=inverse)
+            if iterations and len(levels) == 1:  # the mid-space of the one level
+                half = self.displacements(vel / 2, shape, steps)
+            u, u_inv = self.displacements(vel, shape, steps, inverse=need_inverse)
             fwd = u if fwd is None else compose_displacements(fwd, u)
-            if inverse:
+            if need_inverse:
                 inv = u_inv if inv is None else compose_displacements(u_inv, inv)
             if progress:
-                progress('deformation on a %s grid of %g mm' % ('x'.join(map(str, shape)), vox))
-        return fwd, inv, shape, grid
+                progress('network on a %s grid of %g mm' % ('x'.join(map(str, shape)), vox))
+        if iterations:
+            fwd, inv = self.optimized(level[2], level[3], fwd, inv, half, iterations, steps)
+            if progress:
+                progress('%d iterations of mutual information on the %g mm grid'
+                         % (iterations, levels[-1]))
+        return fwd, (inv if inverse else None), shape, grid
+
+    def optimized(self, fixed, moving, fwd, inv, half=None, iterations=40, steps=7):
+        """``(fwd, inv)`` refined by :class:`.optimize.MIOptimizer` between the ``fixed`` and
+        ``moving`` images of their grid (:meth:`deformation`); ``half``: ``(exp(v/2),
+        exp(-v/2))`` of a single-level result ``fwd = exp(v)``, for the symmetric form."""
+        from .optimize import MIOptimizer
+        if half is not None:
+            f, m = warp_image(fixed, half[1]), warp_image(moving, half[0])
+        else:
+            f, m = fixed, warp_image(moving, fwd)
+        r = MIOptimizer(iterations).run(f, m)
+        e_r, e_r_inv = exponential(r, steps), exponential(-r, steps)
+        if half is not None:
+            return (compose_displacements(half[0], compose_displacements(e_r, half[0])),
+                    compose_displacements(half[1], compose_displacements(e_r_inv, half[1])))
+        return compose_displacements(fwd, e_r), compose_displacements(e_r_inv, inv)
 
     def displacements(self, vel, shape, steps=7, inverse=True):
         """Forward and (if ``inverse``, else None) inverse displacement fields (X, Y, Z, 3) on
         the network grid ``shape``, in its voxels: ``exp(v)`` and ``exp(-v)``."""
-        fwd = np.asarray(integrate(vel, shape, steps))[0]
-        inv = np.asarray(integrate(-vel, shape, steps))[0] if inverse else None
+        resize = ResizeField(tuple(shape))
+        vel = np.asarray(vel, np.float32)[0]
+        fwd = np.asarray(resize(exponential(vel, steps)[None]))[0]
+        inv = np.asarray(resize(exponential(-vel, steps)[None]))[0] if inverse else None
         return fwd, inv
+
+
+def exponential(vel, steps=7):
+    """Displacement (X, Y, Z, 3) of ``exp(vel)``, a velocity (X, Y, Z, 3) in voxels of its own
+    grid: scaling and squaring as :class:`~synthkit.layers.IntegrateVelocity` (the field
+    continued beyond the grid by its edge values), one compiled program per squaring (XLA,
+    given all squarings at once, recomputes each one's samples in every later one: 20 times
+    slower on the CPU than this)."""
+    global _SQUARE
+    if _SQUARE is None:
+        _SQUARE = backend.compiled(_square, jit=True)
+    disp = ops.convert_to_tensor(np.asarray(vel, np.float32) / 2 ** int(steps))
+    grid = utils.volume_grid(disp.shape[:3])
+    upper = ops.convert_to_tensor(np.array(disp.shape[:3], np.float32) - 1)
+    for _ in range(int(steps)):
+        disp = _SQUARE(disp, grid, upper)
+    return np.asarray(disp, np.float32)
+
+
+def _square(disp, grid, upper):
+    coords = ops.minimum(ops.maximum(grid + disp, 0.0), upper)
+    return disp + utils.sample_linear(disp[None], coords[None])[0]
+
+
+_SQUARE = None
 
 
 def content_box(mask, divisor=16, margin=8):
@@ -339,8 +396,20 @@ def _sample_displaced(vol, disp, clamp, slab_voxels=2 ** 21):
         pts = grid + disp[a:b].astype(np.float32)
         if clamp:
             pts = np.clip(pts, 0.0, upper)
-        out[a:b] = np.asarray(utils.sample_linear(src, ops.convert_to_tensor(pts[None])))[0]
+        out[a:b] = np.asarray(_sampler()(src, ops.convert_to_tensor(pts[None])))[0]
     return out
+
+
+_SAMPLER = None
+
+
+def _sampler():
+    """:func:`~synthkit.layers.utils.sample_linear`, compiled (XLA: a tenth of the eager
+    time on the CPU)."""
+    global _SAMPLER
+    if _SAMPLER is None:
+        _SAMPLER = backend.compiled(utils.sample_linear, jit=True)
+    return _SAMPLER
 
 
 def warp_image(img, disp):
