@@ -16,6 +16,13 @@ Methods, each command its own process, on the CPU:
   grid alone, without the mutual-information optimization that follows it by default);
 - synthmorph-joint (affine then deformable): `register -m joint ... -t X.nii.gz -j N` (a
   displacement field on B's grid), then `apply -m nearest X.nii.gz A/aseg moved`;
+- easyreg: `mri_easyreg --ref B/t1 --flo A/t1 --ref_seg SB --flo_seg SA --fwd_field F
+  --threads N` with its defaults (affine from the centroids of the segmented structures, the
+  deformable network in the affine mid-space, mutual-information optimization), then
+  `mri_easywarp --i A/aseg --o moved --field F --nearest`; SA and SB are made once per subject
+  by `mri_synthseg --i X/t1 --o SX --threads N` before (a user's EasyReg needs SynthSeg
+  segmentations; FreeSurfer's asegs would leak the reference labels into the affine), their
+  time reported apart;
 - ants-syn: `scripts/ants_register.py` with the benchmark venv's Python (`make .venv-bench`):
   `ants.registration(B, A, type_of_transform='SyN')` with antspyx's default parameters (listed
   in that script), A's aseg resampled with `interpolator='genericLabel'`,
@@ -42,7 +49,8 @@ Scores, on the fixed grid:
   the same at every voxel.
 
 Targets (issues): deformable Dice >= 0.75 and >= affine + 0.05, >= ANTs SyN (issue 15), <= 20 s a
-pair end to end (issue 15); negative-Jacobian voxels < 0.1 %
+pair end to end (issue 15), easyreg Dice >= synthmorph-joint (issue 15); negative-Jacobian voxels
+< 0.1 %
 (in the worst pair); within 0.02 Dice of ANTs SyN at >= 10x its speed (mean seconds).
 
 Writes a markdown report (--out) and, with --card-affine / --card-deform, merges our scores into
@@ -60,13 +68,14 @@ import tempfile
 import numpy as np
 
 from synthkit import geometry, io, labels, metrics, transforms
+from synthkit.models.easyreg.inference import transform_from_coordinates
 from benchlib import measure, merge_card, run_quiet, tail, venv_problem
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 METHODS = ('synthmorph-affine', 'synthmorph-deform', 'synthmorph-deform-network',
-           'synthmorph-joint', 'ants-syn')
+           'synthmorph-joint', 'easyreg', 'ants-syn')
 #: extra register arguments of a method
 EXTRA_ARGS = {'synthmorph-deform-network': ['--optimize', '0']}
 BASELINE = 'identity'
@@ -107,9 +116,7 @@ def pair_name(moving, fixed):
 def synthmorph_base(tool):
     """Command prefix for mri_synthmorph: ``tool`` if given, else this tree's bin script run
     with this Python."""
-    if tool:
-        return [tool]
-    return [sys.executable, os.path.join(ROOT, 'bin', 'mri_synthmorph')]
+    return [tool] if tool else tool_cmd('mri_synthmorph')
 
 
 def register_cmd(base, model, moving, fixed, trans, threads, weights=None, extra=()):
@@ -122,6 +129,16 @@ def register_cmd(base, model, moving, fixed, trans, threads, weights=None, extra
 
 def apply_cmd(base, trans, seg, out):
     return base + ['apply', '-m', 'nearest', trans, seg, out]
+
+
+def tool_cmd(tool, *args):
+    """This tree's bin script ``tool`` run with this Python."""
+    return [sys.executable, os.path.join(ROOT, 'bin', tool)] + [str(a) for a in args]
+
+
+def easyreg_cmd(moving, fixed, moving_seg, fixed_seg, field, threads):
+    return tool_cmd('mri_easyreg', '--ref', fixed, '--flo', moving, '--ref_seg', fixed_seg,
+                    '--flo_seg', moving_seg, '--fwd_field', field, '--threads', threads)
 
 
 def ants_cmd(python, moving, fixed, moving_seg, fixed_seg, out_seg, out_json, threads):
@@ -263,6 +280,11 @@ def targets(summ, n_pairs):
         out.append(('<= %.0f s per pair (end to end)' % TARGET_SECONDS,
                     '%s s' % fmt(joint['seconds'], '%.1f'),
                     ok(joint['seconds'] <= TARGET_SECONDS, 'synthmorph-joint')))
+    easyreg = summ.get('easyreg')
+    if joint and easyreg:
+        gap = easyreg['dice'] - joint['dice']
+        out.append(('easyreg Dice >= synthmorph-joint', '%+.3f' % gap,
+                    ok(gap >= 0, 'easyreg', 'synthmorph-joint')))
     network = summ.get('synthmorph-deform-network')
     if network and ants:      # the network alone (--optimize 0), for comparison
         gap = network['dice'] - ants['dice']
@@ -274,6 +296,13 @@ def targets(summ, n_pairs):
                     '%sx' % fmt(speed, '%.1f'),
                     ok(speed >= TARGET_SPEEDUP, 'synthmorph-deform-network', 'ants-syn')))
     return out
+
+
+def segment_text(info):
+    seconds = info.get('segment_seconds') or {}
+    if not seconds:
+        return 'not run'
+    return ', '.join('%s %.1f s' % (n.replace('oasis_', ''), t) for n, t in seconds.items())
 
 
 def report(results, pairs, args, info, errors):
@@ -336,13 +365,18 @@ def report(results, pairs, args, info, errors):
               'field alone). '
               '**synthmorph-joint**: the same with `-m joint -t X.nii.gz` (affine then '
               'deformable). '
+              '**easyreg**: `mri_easyreg --ref B --flo A --ref_seg SB --flo_seg SA --fwd_field F '
+              '--threads %d` at its defaults, then `mri_easywarp --i A/aseg.nii.gz --o moved '
+              '--field F --nearest`; SA, SB: `mri_synthseg` segmentations of the T1s, made once '
+              'per subject before (%s), not counted in its time. '
               '**ants-syn**: `scripts/ants_register.py` in the benchmark venv: '
               '`ants.registration(B, A, type_of_transform=\'SyN\')` with antspyx\'s defaults '
               '(centre-of-mass initialisation; Affine[0.25], Mattes MI 32 bins, 20 %% regular '
               'sampling, 2100x1200x1200x0 iterations, shrink 4x2x2x1, smoothing 3x2x1x0; '
               'SyN[0.2,3,0], Mattes MI 32 bins, 40x20x0 iterations, shrink 4x2x1, smoothing '
               '2x1x0; no fixed random seed), A\'s aseg resampled with '
-              '`ants.apply_transforms(..., interpolator=\'genericLabel\')`.' % args.threads, '',
+              '`ants.apply_transforms(..., interpolator=\'genericLabel\')`.'
+              % (args.threads, args.threads, segment_text(info)), '',
               'Dice: per structure on B\'s grid, over the aseg structures of '
               '`synthkit.labels.SEGMENTATION_LABELS` but background and CSF (24, absent from '
               'OASIS) that B\'s aseg holds; a pair\'s Dice is the mean over them. '
@@ -407,6 +441,49 @@ def run_synthmorph(method, base, mov, fix, fixed_seg, mask, work, env, args):
             'neg_jac': neg, 'neg_jac_grid': neg_grid, 'det_min': det_min,
             'seconds': wall + wall_apply, 'reg_seconds': wall, 'apply_seconds': wall_apply,
             'peak_gb': max(peak, peak_apply)}
+
+
+def segment_subjects(subjects, work, env, args):
+    """{subject name: SynthSeg segmentation path or an error text}, each made once by
+    ``mri_synthseg`` (for easyreg), and {name: seconds}."""
+    paths, seconds = {}, {}
+    for s in subjects:
+        out = os.path.join(work, 'synthseg_%s.nii.gz' % s['name'])
+        rc, wall, _, text = measure(tool_cmd('mri_synthseg', '--i', s['t1'], '--o', out,
+                                             '--threads', args.threads), env=env)
+        if rc != 0 or not os.path.isfile(out):
+            paths[s['name']] = 'mri_synthseg failed (exit %d): %s' % (rc, tail(text))
+        else:
+            paths[s['name']], seconds[s['name']] = out, wall
+        print('%-9s segmented by mri_synthseg in %.1f s' % (s['name'], wall), flush=True)
+    return paths, seconds
+
+
+def run_easyreg(mov, fix, segs, fixed_seg, mask, work, env, args):
+    """mri_easyreg (SynthSeg segmentations given) then mri_easywarp of the aseg."""
+    for s in (mov, fix):
+        if not os.path.isfile(segs[s['name']]):
+            return segs[s['name']]
+    stem = os.path.join(work, 'easyreg_%s_to_%s' % (mov['name'], fix['name']))
+    field, moved = stem + '_fwd.nii.gz', stem + '_aseg.nii.gz'
+    rc, wall, peak, text = measure(easyreg_cmd(mov['t1'], fix['t1'], segs[mov['name']],
+                                               segs[fix['name']], field, args.threads), env=env)
+    if rc != 0 or not os.path.isfile(field):
+        return 'mri_easyreg failed (exit %d): %s' % (rc, tail(text))
+    rc, wall_apply, peak_apply, text = measure(tool_cmd(
+        'mri_easywarp', '--i', mov['aseg'], '--o', moved, '--field', field, '--nearest',
+        '--threads', args.threads), env=env)
+    if rc != 0 or not os.path.isfile(moved):
+        return 'mri_easywarp failed (exit %d): %s' % (rc, tail(text))
+    per_label = metrics.dice_table(labels_on_grid(io.load_volume(moved, allow_empty=True),
+                                                  fixed_seg), fixed_seg.data, STRUCTURES)
+    vol = io.load_volume(field)
+    trans = transform_from_coordinates(np.asarray(vol.data), vol.affine)
+    det = jacobian_determinant(trans.disp, trans.target.affine)
+    return {'per_label': per_label, 'dice': nanmean(list(per_label.values())),
+            'neg_jac': neg_jacobian_percent(det, mask), 'neg_jac_grid': neg_jacobian_percent(det),
+            'det_min': float(det.min()), 'seconds': wall + wall_apply, 'reg_seconds': wall,
+            'apply_seconds': wall_apply, 'peak_gb': max(peak, peak_apply)}
 
 
 def run_ants(python, mov, fix, fixed_seg, work, env, args):
@@ -501,6 +578,8 @@ def main():
         return 1
     results = {m: {} for m in (BASELINE,) + tuple(methods)}
     asegs = {s['name']: io.load_volume(s['aseg']) for s in subjects}
+    if 'easyreg' in methods:
+        segs, info['segment_seconds'] = segment_subjects(subjects, work, env, args)
     for mov, fix in pairs:
         name = pair_name(mov, fix)
         fixed_seg = asegs[fix['name']]
@@ -514,6 +593,8 @@ def main():
         for method in methods:
             if method == 'ants-syn':
                 r = run_ants(args.ants_python, mov, fix, fixed_seg, work, env, args)
+            elif method == 'easyreg':
+                r = run_easyreg(mov, fix, segs, fixed_seg, mask, work, env, args)
             else:
                 r = run_synthmorph(method, base, mov, fix, fixed_seg, mask, work, env, args)
             if isinstance(r, str):

@@ -81,3 +81,31 @@ def test_targets_need_complete_runs():
     got = {name: met for name, _, met in bench.targets(summ, 6)}
     assert got['>= 10x the speed of ANTs SyN'] is None
     assert got['deformable Dice >= 0.75'] is True
+
+
+def test_easyreg_target_compares_with_joint():
+    full = {'n': 6, 'dice': 0.8, 'neg_jac': 0.0, 'neg_jac_max': 0.0, 'seconds': 10.0,
+            'per_label': {2: 0.8}}
+    summ = {'synthmorph-joint': full, 'easyreg': {**full, 'dice': 0.79}}
+    got = {name: (value, met) for name, value, met in bench.targets(summ, 6)}
+    assert got['easyreg Dice >= synthmorph-joint'] == ('-0.010', False)
+    summ['easyreg'] = {**full, 'dice': 0.81}
+    assert {n: m for n, _, m in bench.targets(summ, 6)}['easyreg Dice >= synthmorph-joint']
+    summ['easyreg'] = {**summ['easyreg'], 'n': 3}        # not every pair: not measured
+    assert {n: m for n, _, m in bench.targets(summ, 6)}['easyreg Dice >= synthmorph-joint'] \
+        is None
+
+
+def test_easyreg_field_scores_like_a_displacement():
+    # an EasyReg coordinate field of a pure shift: no folding, determinant 1
+    from synthkit.models.easyreg.inference import transform_from_coordinates
+    from synthkit import transforms
+    geom = transforms.Geometry((5, 6, 7), LIA)
+    coords = bench.transform_from_coordinates(np.zeros((5, 6, 7, 3), np.float32), LIA)
+    world = -coords.disp                        # the grid's own RAS coordinates
+    trans = transform_from_coordinates(world + np.float32([3, -2, 1]), LIA)
+    np.testing.assert_allclose(trans.disp, np.broadcast_to([3, -2, 1], trans.disp.shape),
+                               atol=1e-4)
+    assert trans.target.shape == geom.shape
+    det = bench.jacobian_determinant(trans.disp, trans.target.affine)
+    np.testing.assert_allclose(det, 1, atol=1e-5)

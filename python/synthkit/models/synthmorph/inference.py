@@ -198,12 +198,13 @@ class Registrar:
                 if need_inverse:
                     inv = regrid_displacement(inv, grid, level[0], level[1])
             vel, shape, grid = self.velocity(moving, fixed, matrix, lam, disp=fwd, level=level)
-            if iterations and len(levels) == 1:  # the mid-space of the one level
-                half = self.displacements(vel / 2, shape, steps)
-            u, u_inv = self.displacements(vel, shape, steps, inverse=need_inverse)
-            fwd = u if fwd is None else compose_displacements(fwd, u)
-            if need_inverse:
-                inv = u_inv if inv is None else compose_displacements(u_inv, inv)
+            if iterations and len(levels) == 1:  # the mid-space of the one level (exp(v)
+                half = self.displacements(vel / 2, shape, steps)    # itself is not needed)
+            else:
+                u, u_inv = self.displacements(vel, shape, steps, inverse=need_inverse)
+                fwd = u if fwd is None else compose_displacements(fwd, u)
+                if need_inverse:
+                    inv = u_inv if inv is None else compose_displacements(u_inv, inv)
             if progress:
                 progress('network on a %s grid of %g mm' % ('x'.join(map(str, shape)), vox))
         if iterations:

@@ -70,19 +70,24 @@ def _parzen(values, bins):
     return ops.cast(low, 'int32'), t - low
 
 
-def mi_and_gradients(f, m, bins=32):
+def mi_and_gradients(f, m, bins=32, sample=None):
     """Mutual information (nats) of two intensity arrays (N,) in [0, 1] and its derivatives with
     respect to each value of ``f`` and of ``m``, for a joint histogram with linear Parzen
-    weights (each value shares its unit weight between its two nearest bins)."""
+    weights (each value shares its unit weight between its two nearest bins). ``sample``:
+    ``(f, m)`` values the histogram is made of instead (a subsample), the derivatives being
+    those of its MI with respect to values distributed like it, per value of ``f`` and ``m``."""
+    hf, hm = (f, m) if sample is None else sample
     n = ops.cast(ops.shape(f)[0], 'float32')
+    hi, ha = _parzen(hf, bins)
+    hmi, hma = _parzen(hm, bins)
+    joint = 0
+    for df, wf in ((0, 1 - ha), (1, ha)):
+        for dm, wm in ((0, 1 - hma), (1, hma)):
+            joint = joint + ops.segment_sum(wf * wm, (hi + df) * bins + (hmi + dm),
+                                            num_segments=bins * bins)
+    p = ops.reshape(joint, (bins, bins)) / ops.cast(ops.shape(hf)[0], 'float32')
     fi, fa = _parzen(f, bins)
     mi_, ma = _parzen(m, bins)
-    joint = 0
-    for df, wf in ((0, 1 - fa), (1, fa)):
-        for dm, wm in ((0, 1 - ma), (1, ma)):
-            joint = joint + ops.segment_sum(wf * wm, (fi + df) * bins + (mi_ + dm),
-                                            num_segments=bins * bins)
-    p = ops.reshape(joint, (bins, bins)) / n
     pf, pm = ops.sum(p, 1), ops.sum(p, 0)
     eps = 1e-10
     log_ratio = ops.log(p + eps) - ops.log(pf + eps)[:, None] - ops.log(pm + eps)[None]
@@ -128,8 +133,11 @@ class MIOptimizer:
 
     def _update(self, vel, f, m):
         shape = ops.shape(vel)[:3]
+        # the histogram from every 8th voxel (every other one along each axis): an eighth of
+        # the scatter, the same Dice (OASIS pairs); derivatives at every voxel
+        sample = (ops.reshape(f[::2, ::2, ::2, 0], (-1,)), ops.reshape(m[::2, ::2, ::2, 0], (-1,)))
         mi, d_f, d_m = mi_and_gradients(ops.reshape(f[..., 0], (-1,)),
-                                        ops.reshape(m[..., 0], (-1,)), self.bins)
+                                        ops.reshape(m[..., 0], (-1,)), self.bins, sample)
         d_f = ops.reshape(d_f, shape)[..., None]
         d_m = ops.reshape(d_m, shape)[..., None]
         grad = _smooth_field(0.5 * (d_m * m[..., 1:] - d_f * f[..., 1:]), self.kernel)
