@@ -179,6 +179,66 @@ def test_cli_keepgeom_writes_on_input_grid(tmp_path, models_env):
     assert seg.shape == data.shape and np.allclose(seg.affine, affine)
 
 
+@pytest.mark.parametrize('voxsize', [1.0, 2.0])
+def test_cli_posteriors_are_written_slab_by_slab_as_computed_whole(tmp_path, tiny_model_dir,
+                                                                  monkeypatch, voxsize):
+    """--post goes to its file slab by slab (io.FrameWriter, nothing whole in memory): the same
+    values as the in-memory posteriors, on the 1 mm grid and with --keepgeom on the input
+    grid, and no temp file left beside the outputs."""
+    models = tmp_path / 'models'
+    models.mkdir()
+    card = json.loads((tiny_model_dir / 'synthseg.json').read_text())
+    card['input']['voxsize_mm'] = voxsize          # 2 mm: the slab path of upsample_slabs
+    (models / 'synthseg.json').write_text(json.dumps(card))
+    os.symlink(tiny_model_dir / 'synthseg.weights.h5', models / 'synthseg.weights.h5')
+    monkeypatch.setenv('SYNTHKIT_MODELS', str(models))
+    data, affine = _phantom(tmp_path / 'scan.nii.gz', shape=(40, 44, 36))
+    out = tmp_path / 'out'
+    for extra, post in (([], 'post.mgz'), (['--keepgeom'], 'post_in.nii.gz')):
+        with pytest.raises(SystemExit) as e:
+            synthseg.main(['--i', str(tmp_path / 'scan.nii.gz'), '--o', str(out / 's.mgz'),
+                           '--post', str(out / post)] + extra)
+        assert e.value.code == 0
+    scan = io.load_volume(str(tmp_path / 'scan.nii.gz'))    # the header's float32 affine
+    expected = inference.Segmenter().segment(np.asarray(scan.data, np.float32), scan.affine,
+                                             keep_posteriors=True)
+    got = io.load_volume(str(out / 'post.mgz'))
+    assert got.data.shape == expected.posteriors.shape
+    assert np.allclose(got.affine, expected.grid.affine)
+    np.testing.assert_allclose(got.data, expected.posteriors, atol=1e-6)
+    moved = io.load_volume(str(out / 'post_in.nii.gz'))
+    assert np.allclose(moved.affine, scan.affine)
+    assert moved.data.shape == data.shape + (len(LABELS),)
+    np.testing.assert_allclose(
+        moved.data, geometry.to_input_grid(expected.posteriors, expected.grid, 'linear'),
+        atol=1e-5)
+    assert sorted(os.listdir(out)) == ['post.mgz', 'post_in.nii.gz', 's.mgz']
+
+
+def test_frame_writer_regions_fill_and_failure(tmp_path):
+    """Regions of every frame land where they belong in all four formats, unwritten voxels
+    take the fill, and a failure inside the context leaves nothing."""
+    rng = np.random.default_rng(0)
+    x = rng.random((9, 10, 8, 3)).astype(np.float32)
+    affine = np.array([[-1., 0, 0, 4], [0, 0, 1, -5], [0, -1, 0, 6], [0, 0, 0, 1]])
+    expected = np.zeros_like(x)
+    expected[..., 1] = 2.0
+    expected[1:8, 2:10] = x[1:8, 2:10]
+    for ext in ('.nii', '.nii.gz', '.mgh', '.mgz'):
+        path = tmp_path / ('v' + ext)
+        with io.FrameWriter(path, x.shape[:3], 3, affine, fill={1: 2.0}) as w:
+            for z in range(0, 8, 3):
+                w.write((slice(1, 8), slice(2, None), slice(z, z + 3)), x[1:8, 2:10, z:z + 3])
+        got = io.load_volume(str(path))
+        np.testing.assert_array_equal(got.data, expected)
+        assert np.allclose(got.affine, affine)
+    with pytest.raises(RuntimeError):
+        with io.FrameWriter(tmp_path / 'broken.nii.gz', x.shape[:3], 3, affine) as w:
+            w.write_frame(0, x[..., 0])
+            raise RuntimeError('interrupted')
+    assert sorted(os.listdir(tmp_path)) == ['v.mgh', 'v.mgz', 'v.nii', 'v.nii.gz']
+
+
 def test_cli_batch_goes_on_past_bad_file(tmp_path, models_env, capsys):
     folder = tmp_path / 'in'
     folder.mkdir()
@@ -356,7 +416,7 @@ def test_upsampling_in_slabs_matches_resampling_the_whole_box():
     planes = []
     for sl, part in predict.upsample_slabs(post[box], box, src, (64, 70, 60), dst, slab=7):
         got[sl] = part
-        planes.append(part.shape[0])
+        planes.append(part.shape[2])                # slabs along the last axis
     assert max(planes) <= 7 and len(planes) > 3
     assert np.abs(got - expected).max() < 1e-5
 

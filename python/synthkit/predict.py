@@ -150,10 +150,12 @@ def _interp_axis(x, axis, idx0, idx1, w0, w1):
 def upsample_slabs(post, box, src_affine, dst_shape, dst_affine, slab=16, bg_channel=0):
     """Posteriors (x, y, z, C) in ``box`` of a coarse axis-aligned grid (``src_affine``), on the
     part of a finer grid ``(dst_shape, dst_affine)`` that the box covers, slab by slab along the
-    first axis: yields ``(destination slices, posteriors)`` with at most ``slab`` planes each, so
-    memory stays bounded whatever the output size. Trilinear (separable: both grids must have
-    the same axes, as :func:`synthkit.geometry.conform_grid` makes them), zero beyond the box,
-    renormalized to sum to one (background where nothing reaches)."""
+    last axis (each slab's planes then lie together in NIfTI and MGH files, which store x
+    fastest: :class:`synthkit.io.FrameWriter`): yields ``(destination slices, posteriors)`` with
+    at most ``slab`` planes each, so memory stays bounded whatever the output size. Trilinear
+    (separable: both grids must have the same axes, as :func:`synthkit.geometry.conform_grid`
+    makes them), zero beyond the box, renormalized to sum to one (background where nothing
+    reaches)."""
     post = np.asarray(post, np.float32)
     start = np.array([s.start for s in box], float)
     src_box = src_affine.copy()
@@ -174,21 +176,21 @@ def upsample_slabs(post, box, src_affine, dst_shape, dst_affine, slab=16, bg_cha
         lo[a], hi[a] = inside[0], inside[-1] + 1
     weights = [_axis_weights(hi[a] - lo[a], post.shape[a], scale[a], offset[a] + scale[a] * lo[a])
                for a in range(3)]
-    idx0, idx1, w0, w1 = weights[0]
-    for s in range(0, hi[0] - lo[0], slab):
-        sl = slice(s, min(s + slab, hi[0] - lo[0]))
+    idx0, idx1, w0, w1 = weights[2]
+    for s in range(0, hi[2] - lo[2], slab):
+        sl = slice(s, min(s + slab, hi[2] - lo[2]))
         first, last = idx0[sl].min(), idx1[sl].max() + 1     # the coarse planes this slab needs
-        inner = _interp_axis(post[first:last], 1, *weights[1])
-        inner = _interp_axis(inner, 2, *weights[2])
-        out = (inner[idx0[sl] - first] * w0[sl, None, None, None]
-               + inner[idx1[sl] - first] * w1[sl, None, None, None])
+        inner = _interp_axis(post[:, :, first:last], 0, *weights[0])
+        inner = _interp_axis(inner, 1, *weights[1])
+        out = (inner[:, :, idx0[sl] - first] * w0[sl, None]
+               + inner[:, :, idx1[sl] - first] * w1[sl, None])
         total = out.sum(-1, keepdims=True)
         outside = total[..., 0] <= 0
         out[outside, bg_channel] = 1
         total[outside] = 1
         out /= total
-        yield (slice(lo[0] + sl.start, lo[0] + sl.stop), slice(lo[1], hi[1]),
-               slice(lo[2], hi[2])), out
+        yield (slice(lo[0], hi[0]), slice(lo[1], hi[1]),
+               slice(lo[2] + sl.start, lo[2] + sl.stop)), out
 
 
 def largest_component(mask):

@@ -110,20 +110,36 @@ def segment_one(seg, args, inp, out, post_path, res_path, parc=None):
     """Segment one scan and write its outputs (with ``parc``, a Parcellator, the cortex
     parcellated); returns (volumes, qc scores)."""
     vol, data, crop = common.read_scan(PROG, inp, args.crop, args.ct, verb='segmenting')
-    result = seg.segment(data, vol.affine, fast=args.fast, crop=crop,
-                         keep_posteriors=bool(post_path), parc=parc)
-    grid, hard = result.grid, result.hard
-    lut = lab.surfa_lookup(output_labels(seg, parc))
-    if args.keepgeom:
-        io.save_volume(geometry.to_input_grid(hard, grid, 'nearest'), vol.affine, out, like=vol,
-                       lut=lut, dtype=np.int32)
-    else:
-        io.save_volume(hard, grid.affine, out, lut=lut, dtype=np.int32)
-    if post_path:
-        full = result.posteriors
-        data_out = geometry.to_input_grid(full, grid, 'linear') if args.keepgeom else full
-        affine = vol.affine if args.keepgeom else grid.affine
-        io.save_volume(data_out.astype(np.float32), affine, post_path)
+    writers = []
+
+    def posteriors_file(grid, channels):
+        """--post on the 1 mm grid, slab by slab (with --keepgeom a scratch file beside it)."""
+        writers.append(io.FrameWriter(post_path, grid.data.shape, len(channels), grid.affine,
+                                      fill={channels.index(0): 1.0}))
+        return writers[-1]
+
+    try:
+        result = seg.segment(data, vol.affine, fast=args.fast, crop=crop,
+                             keep_posteriors=posteriors_file if post_path else False, parc=parc)
+        grid, hard = result.grid, result.hard
+        lut = lab.surfa_lookup(output_labels(seg, parc))
+        if args.keepgeom:
+            io.save_volume(geometry.to_input_grid(hard, grid, 'nearest'), vol.affine, out,
+                           like=vol, lut=lut, dtype=np.int32)
+        else:
+            io.save_volume(hard, grid.affine, out, lut=lut, dtype=np.int32)
+        if post_path and args.keepgeom:      # frame by frame onto the input grid
+            on_grid = writers[0]
+            with io.FrameWriter(post_path, grid.src_shape[:3], on_grid.shape[3],
+                                grid.src_affine) as moved:
+                for c in range(on_grid.shape[3]):
+                    moved.write_frame(c, geometry.to_input_grid(on_grid.read_frame(c), grid,
+                                                                'linear'))
+        elif post_path:
+            writers[0].close()
+    finally:
+        for w in writers:
+            w.discard()        # the scratch file, or what a failure left
     if res_path:
         raw = geometry.conform((data, vol.affine), voxsize=1.0, crop=crop, multiple=16, rescale=False)
         io.save_volume(raw.data, raw.affine, res_path, like=vol)

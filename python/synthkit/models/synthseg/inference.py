@@ -106,8 +106,11 @@ class Segmenter:
 
     def segment(self, data, affine, fast=False, crop=None, keep_posteriors=False, parc=None):
         """Segment a 3-D array with its affine; ``crop`` (mm, 3 ints) analyses a centred box;
-        ``keep_posteriors``: also return the full 1 mm posteriors (the only large array);
-        ``parc``: a :class:`synthkit.models.synthparc.inference.Parcellator` that splits the
+        ``keep_posteriors``: also return the full 1 mm posteriors (the only large array), or,
+        a function ``(grid, channel labels) -> writer``, hand them slab by slab to
+        ``writer.write(region, posteriors)`` instead (e.g. a :class:`synthkit.io.FrameWriter`
+        whose background channel is filled with ones: nothing is written outside the brain's
+        box), so that they never are in memory whole; ``parc``: a :class:`synthkit.models.synthparc.inference.Parcellator` that splits the
         cortex into its parcels (labels, volumes and posteriors).
 
         Post-processing runs on the network grid; a coarser network grid's posteriors then come
@@ -136,13 +139,14 @@ class Segmenter:
         post_labels = parcellation.output_labels(self.labels) if parc is not None else \
             self.labels
         hard = np.zeros(grid.data.shape, np.int32)
-        full = None
-        if keep_posteriors:
-            full = np.zeros(grid.data.shape + (len(post_labels),), np.float32)
-            full[..., bg] = 1
+        sink = None
+        if callable(keep_posteriors):
+            sink = keep_posteriors(grid, post_labels)
+        elif keep_posteriors:
+            sink = _InMemory(grid.data.shape, len(post_labels), post_labels.index(0))
         summary = Summary(self.labels)
         # the 1 mm parcel posteriors are built only for --post: labels and volumes need none
-        split = parcels if full is not None else None
+        split = parcels if sink is not None else None
         if net is grid:
             parts = [(box, post, split)]
         else:
@@ -154,8 +158,9 @@ class Segmenter:
         for sl, part, q in parts:
             hard[sl] = hard_segmentation(part, self.labels)
             summary.add(part)
-            if full is not None:
-                full[sl] = part if q is None else parcellation.split_cortex(part, self.labels, q)
+            if sink is not None:
+                sink.write(sl, part if q is None else parcellation.split_cortex(part, self.labels,
+                                                                                q))
         volumes = summary.volumes()
         if parc is not None:
             box_affine = net.affine.copy()
@@ -164,7 +169,19 @@ class Segmenter:
             volumes.update(parcellation.parcel_volumes(
                 post, self.labels, parcels, {3: volumes[3], 42: volumes[42]},
                 float(abs(np.linalg.det(net.affine[:3, :3])))))
+        full = sink.array if isinstance(sink, _InMemory) else None
         return Segmentation(hard, grid, volumes, summary.qc(), full, post_labels)
+
+
+class _InMemory:
+    """Posteriors kept whole in memory (``keep_posteriors=True``)."""
+
+    def __init__(self, shape, channels, bg):
+        self.array = np.zeros(tuple(shape) + (channels,), np.float32)
+        self.array[..., bg] = 1
+
+    def write(self, region, data):
+        self.array[region] = data
 
 
 def postprocess(post, out_labels, smooth_sigma=0.5, threshold=0.25):
