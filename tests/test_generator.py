@@ -212,6 +212,15 @@ JAX_SCRIPT = textwrap.dedent('''
     sampler = gen.PairSampler(gen.SynthGenerator((24, 24, 24), seed=1), seed=1)
     img2 = np.asarray(sampler(src)['image'])
     assert np.isfinite(img2).all() and 0 <= img2.min() and img2.max() <= 1
+    # the generator as one stateless XLA program (what a GPU runs) draws what eager calls draw,
+    # and its seed states advance from call to call
+    eager, jitted = (gen.PairSampler(gen.SynthGenerator((24, 24, 24), seed=4), seed=4, jit=j)
+                     for j in (False, True))
+    for _ in range(2):
+        a, b = eager(src), jitted(src)
+        for k in ('image', 'labels', 'coords', 'flips'):
+            assert np.allclose(np.asarray(a[k]), np.asarray(b[k]), atol=1e-4), k
+    assert not np.allclose(np.asarray(jitted(src)['image']), np.asarray(b['image']))
     vel = ops.ones((1, 12, 12, 12, 3)) * 1.5
     disp = np.asarray(layers.IntegrateVelocity(5)(vel))
     assert np.allclose(disp, 1.5, atol=1e-4)

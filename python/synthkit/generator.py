@@ -294,15 +294,16 @@ class PairSampler:
     """Compiled generator: ``sampler(label_maps)`` -> dict of numpy-convertible tensors.
 
     The large standard-normal field is drawn outside the compiled function (fast native
-    kernels), the rest runs compiled: on TensorFlow a graph without XLA, which on these CPUs
-    both compiles 5x faster and runs 2x faster than XLA (96^3 at 2 mm: 7.8 s to build, 0.24 s
-    per pair; with XLA 40 s and 0.51 s).
+    kernels), the rest runs compiled (:func:`synthkit.backend.compiled_random`): on TensorFlow a
+    graph without XLA, which on these CPUs both compiles 5x faster and runs 2x faster than XLA
+    (96^3 at 2 mm: 7.8 s to build, 0.24 s per pair; with XLA 40 s and 0.51 s); on JAX one XLA
+    program on an accelerator (``jit``: None chooses, True/False force it).
     """
 
-    def __init__(self, generator, seed=None):
+    def __init__(self, generator, seed=None, jit=None):
         self.generator = generator
         self.noise_seed = keras.random.SeedGenerator(seed)
-        self.fn = backend.compiled(lambda x, n: generator(x, n))
+        self.fn = backend.compiled_random(generator, lambda x, n: generator(x, n), jit=jit)
 
     def __call__(self, label_maps):
         shape = (label_maps.shape[0], *self.generator.shape, 1)
