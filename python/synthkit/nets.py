@@ -21,7 +21,8 @@ class UNetConfig:
     ``features`` at the top level, multiplied by ``feature_mult`` at each level down;
     ``levels`` resolution levels (the input shape must be divisible by 2**(levels-1));
     ``convs_per_level`` 3x3x3 convolutions per level on each side; ``norm`` is 'batch', 'layer',
-    or None; ``final_activation`` 'softmax' (segmentation) or 'linear' (regression).
+    'instance' (each channel over each image's voxels: no dependence on the batch, nor on moving
+    averages; the choice to try for a model trained from scratch), or None; ``final_activation`` 'softmax' (segmentation) or 'linear' (regression).
     """
     in_channels: int = 1
     out_channels: int = 33
@@ -51,6 +52,8 @@ def _norm(kind, name):
         return layers.BatchNormalization(name=name)
     if kind == 'layer':
         return layers.LayerNormalization(name=name)
+    if kind == 'instance':
+        return layers.GroupNormalization(groups=-1, name=name)
     if kind in (None, 'none'):
         return None
     raise ValueError('unknown normalization %r' % kind)
