@@ -444,3 +444,12 @@ def test_content_box_holds_the_image_in_whole_network_blocks():
     assert box[0].start <= 6 and box[0].stop >= 24 and box[2].stop <= 40
     assert data[box].sum() == data.sum()
     assert inference.content_box(np.zeros((16, 16, 16)), 8) == (slice(0, 16),) * 3
+
+
+def test_float16_conversion_drops_only_what_float16_cannot_hold_normally():
+    x = np.array([0.5, -0.25, 1e-3, 7e-5, 6e-5, -3e-5, 1e-9, 0.0], np.float32)
+    got = predict.to_float16(x)
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got[:4], x[:4].astype(np.float16))    # normal float16 values
+    assert not got[4:].any()               # below 2**-14 (6.1e-5): subnormal in float16, zeroed
+    assert np.abs(got.astype(np.float32) - x).max() < 2 ** -14 + 1e-3 * 0.5

@@ -40,8 +40,10 @@ def predict_tiled(model, x, tile=144, overlap=16, divisor=8, flip=None, dtype=np
     if any(n % divisor for n in shape) or tile % divisor:
         raise ValueError('shape %s and tile %s must be multiples of %d' % (shape, tile, divisor))
     tile, grids = zip(*[_axis_tiles(n, tile, overlap, divisor) for n in shape])
+    cast = to_float16 if np.dtype(dtype) == np.float16 else \
+        (lambda a: np.asarray(a).astype(dtype, copy=False))
     if all(len(g) == 1 for g in grids):       # one tile: no weights, no accumulation
-        return _predict_one(model, x, flip, empty).astype(dtype, copy=False)
+        return cast(_predict_one(model, x, flip, empty))
     out = np.zeros(shape + (model.output_shape[-1],), dtype)
     weight = np.zeros(shape, np.float32)
     margin = overlap // 2
@@ -57,10 +59,19 @@ def predict_tiled(model, x, tile=144, overlap=16, divisor=8, flip=None, dtype=np
             if s + t < n:
                 keep[t - margin:] = 1e-3
             w *= keep.reshape([-1 if a == ax else 1 for a in range(3)])
-        out[sl] += (pred * w[..., None]).astype(dtype)
+        out[sl] += cast(pred * w[..., None])
         weight[sl] += w
     out /= weight[..., None].astype(dtype)
     return out
+
+
+def to_float16(x):
+    """``x`` as float16, its values smaller in magnitude than float16's least normal number
+    (6.1e-5) set to zero: numpy converts subnormal float16 numbers (to and from float32) on a
+    slow path, 10 to 40 times slower (a 256^3 scan's 33 SynthSeg posteriors, nine tenths of
+    them tiny: 3.0 s against 0.66 s; and again at each reading)."""
+    x = np.asarray(x, np.float32)
+    return np.where(np.abs(x) < np.finfo(np.float16).tiny, np.float32(0), x).astype(np.float16)
 
 
 def _predict_one(model, x, flip=None, empty=0):
