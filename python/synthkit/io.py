@@ -350,13 +350,7 @@ def save_volume(data, affine, path, like=None, lut=None, dtype=None):
     so readers never see a partial file. Raises :class:`VolumeError` for an unsupported
     extension or when ``path`` is a file read by :func:`load_volume`.
     """
-    path = os.fspath(path)
-    ext = split_ext(path)[1].lower()
-    if not ext:
-        raise VolumeError(path, 'unsupported output file type (expected %s)' % ', '.join(SUPPORTED))
-    if os.path.realpath(path) in _INPUTS:
-        raise VolumeError(path, 'refusing to overwrite an input file')
-    affine = check_affine(affine, path)
+    path, ext, affine = _output(path, affine)
     arr = _cast(np.asanyarray(data), dtype, mgh=ext in ('.mgz', '.mgh'), path=path)
     if arr.ndim not in (3, 4):
         raise VolumeError(path, 'can only save 3-D or 4-D data, got shape %s' % (arr.shape,))
@@ -365,10 +359,7 @@ def save_volume(data, affine, path, like=None, lut=None, dtype=None):
     if ext in ('.nii', '.nii.gz'):
         img = _nifti_image(arr, affine, header)
     else:
-        img = nib.MGHImage(arr, affine)
-        if isinstance(header, MGHHeader):
-            for key in ('tr', 'flip_angle', 'te', 'ti'):
-                img.header[key] = header[key]
+        img = _mgh_image(arr, affine, header)
 
     if ext in ('.nii', '.nii.gz'):
         _write_atomically(path, lambda tmp: nib.save(img, tmp))
@@ -377,6 +368,18 @@ def save_volume(data, affine, path, like=None, lut=None, dtype=None):
     if lut is not None:
         raw += _ctab_tag(lut)
     save_bytes(gzip.compress(raw, compresslevel=6) if ext == '.mgz' else raw, path)
+
+
+def _output(path, affine):
+    """``(path, extension, affine)`` of an output file, checked: a known extension, not an
+    input of this process, a usable affine."""
+    path = os.fspath(path)
+    ext = split_ext(path)[1].lower()
+    if not ext:
+        raise VolumeError(path, 'unsupported output file type (expected %s)' % ', '.join(SUPPORTED))
+    if os.path.realpath(path) in _INPUTS:
+        raise VolumeError(path, 'refusing to overwrite an input file')
+    return path, ext, check_affine(affine, path)
 
 
 def save_image(img, path):
@@ -401,28 +404,17 @@ class FrameWriter:
 
     def __init__(self, path, shape, frames, affine, like=None, lut=None, fill=None,
                  dtype=np.float32):
-        path = os.fspath(path)
-        ext = split_ext(path)[1].lower()
-        if ext not in SUPPORTED:
-            raise VolumeError(path, 'unsupported output file type (expected %s)'
-                              % ', '.join(SUPPORTED))
-        if os.path.realpath(path) in _INPUTS:
-            raise VolumeError(path, 'refusing to overwrite an input file')
-        affine = check_affine(affine, path)
-        self.path, self.ext = path, ext
+        self.path, self.ext, affine = _output(path, affine)
         self.shape = tuple(int(n) for n in shape[:3]) + (int(frames),)
-        self.mgh = ext in ('.mgz', '.mgh')
-        self.dtype = np.dtype(dtype).newbyteorder('>' if self.mgh else '<')
+        self.mgh = self.ext in ('.mgz', '.mgh')
         placeholder = np.broadcast_to(np.zeros((), np.dtype(dtype)), self.shape)
         header = getattr(like, 'header', None)
         self.raw = _reserve_temp(path)
         try:
             with open(self.raw, 'r+b') as f:
-                if self.mgh:
-                    img = nib.MGHImage(placeholder, affine)
-                    if isinstance(header, MGHHeader):
-                        for key in ('tr', 'flip_angle', 'te', 'ti'):
-                            img.header[key] = header[key]
+                if self.mgh:                       # big-endian
+                    self.dtype = np.dtype(dtype).newbyteorder('>')
+                    img = _mgh_image(placeholder, affine, header)
                     img.update_header()
                     img.header.writehdr_to(f)
                     self.offset = int(img.header.get_data_offset())
@@ -553,6 +545,14 @@ def _cast(arr, dtype, mgh, path):
             raise VolumeError(path, 'values [%s, %s] do not fit in %s'
                               % (arr.min(), arr.max(), target))
     return np.asarray(arr).astype(target, copy=False)
+
+
+def _mgh_image(arr, affine, like_header):
+    img = nib.MGHImage(arr, affine)
+    if isinstance(like_header, MGHHeader):
+        for key in ('tr', 'flip_angle', 'te', 'ti'):
+            img.header[key] = like_header[key]
+    return img
 
 
 def _nifti_image(arr, affine, like_header):
