@@ -202,14 +202,19 @@ def transform_neg_jac(path, fixed_mask):
     transform file written by register: a warp's field, or an LTA's matrix."""
     trans = transforms.load_transform(path)
     if trans.is_warp:
-        if trans.target.shape != fixed_mask.shape:
-            raise ValueError('%s: field grid %s is not the fixed grid %s'
-                             % (path, trans.target.shape, fixed_mask.shape))
-        det = jacobian_determinant(trans.disp, trans.target.affine)
-        return neg_jacobian_percent(det, fixed_mask), neg_jacobian_percent(det), float(det.min())
+        return field_neg_jac(trans, fixed_mask, path)
     d = float(np.linalg.det(trans.matrix[:3, :3]))
     pct = 0.0 if d > 0 else 100.0
     return pct, pct, d
+
+
+def field_neg_jac(trans, fixed_mask, path=''):
+    """:func:`transform_neg_jac` of a displacement-field transform on the fixed grid."""
+    if trans.target.shape != fixed_mask.shape:
+        raise ValueError('%s: field grid %s is not the fixed grid %s'
+                         % (path, trans.target.shape, fixed_mask.shape))
+    det = jacobian_determinant(trans.disp, trans.target.affine)
+    return neg_jacobian_percent(det, fixed_mask), neg_jacobian_percent(det), float(det.min())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,13 +439,20 @@ def run_synthmorph(method, base, mov, fix, fixed_seg, mask, work, env, args):
     rc, wall_apply, peak_apply, text = measure(apply_cmd(base, trans, mov['aseg'], moved), env=env)
     if rc != 0 or not os.path.isfile(moved):
         return 'apply failed (exit %d): %s' % (rc, tail(text))
+    return scored(moved, fixed_seg, transform_neg_jac(trans, mask), (wall, wall_apply),
+                  (peak, peak_apply))
+
+
+def scored(moved, fixed_seg, jacobian, seconds, peaks):
+    """A result dict of our tools: the Dice of the ``moved`` aseg file against ``fixed_seg``,
+    ``jacobian`` (:func:`transform_neg_jac`), the (register, apply) ``seconds`` and ``peaks``."""
     per_label = metrics.dice_table(labels_on_grid(io.load_volume(moved, allow_empty=True),
                                                   fixed_seg), fixed_seg.data, STRUCTURES)
-    neg, neg_grid, det_min = transform_neg_jac(trans, mask)
+    neg, neg_grid, det_min = jacobian
     return {'per_label': per_label, 'dice': nanmean(list(per_label.values())),
             'neg_jac': neg, 'neg_jac_grid': neg_grid, 'det_min': det_min,
-            'seconds': wall + wall_apply, 'reg_seconds': wall, 'apply_seconds': wall_apply,
-            'peak_gb': max(peak, peak_apply)}
+            'seconds': sum(seconds), 'reg_seconds': seconds[0], 'apply_seconds': seconds[1],
+            'peak_gb': max(peaks)}
 
 
 def segment_subjects(subjects, work, env, args):
@@ -475,15 +487,10 @@ def run_easyreg(mov, fix, segs, fixed_seg, mask, work, env, args):
         '--threads', args.threads), env=env)
     if rc != 0 or not os.path.isfile(moved):
         return 'mri_easywarp failed (exit %d): %s' % (rc, tail(text))
-    per_label = metrics.dice_table(labels_on_grid(io.load_volume(moved, allow_empty=True),
-                                                  fixed_seg), fixed_seg.data, STRUCTURES)
     vol = io.load_volume(field)
-    trans = transform_from_coordinates(np.asarray(vol.data), vol.affine)
-    det = jacobian_determinant(trans.disp, trans.target.affine)
-    return {'per_label': per_label, 'dice': nanmean(list(per_label.values())),
-            'neg_jac': neg_jacobian_percent(det, mask), 'neg_jac_grid': neg_jacobian_percent(det),
-            'det_min': float(det.min()), 'seconds': wall + wall_apply, 'reg_seconds': wall,
-            'apply_seconds': wall_apply, 'peak_gb': max(peak, peak_apply)}
+    jacobian = field_neg_jac(transform_from_coordinates(np.asarray(vol.data), vol.affine), mask,
+                             field)
+    return scored(moved, fixed_seg, jacobian, (wall, wall_apply), (peak, peak_apply))
 
 
 def run_ants(python, mov, fix, fixed_seg, work, env, args):

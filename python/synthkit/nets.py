@@ -22,7 +22,8 @@ class UNetConfig:
     ``levels`` resolution levels (the input shape must be divisible by 2**(levels-1));
     ``convs_per_level`` 3x3x3 convolutions per level on each side; ``norm`` is 'batch', 'layer',
     'instance' (each channel over each image's voxels: no dependence on the batch, nor on moving
-    averages; the choice to try for a model trained from scratch), or None; ``final_activation`` 'softmax' (segmentation) or 'linear' (regression).
+    averages; the choice to try for a model trained from scratch), or None;
+    ``final_activation`` 'softmax' (segmentation) or 'linear' (regression).
     """
     in_channels: int = 1
     out_channels: int = 33

@@ -110,8 +110,9 @@ class Segmenter:
         a function ``(grid, channel labels) -> writer``, hand them slab by slab to
         ``writer.write(region, posteriors)`` instead (e.g. a :class:`synthkit.io.FrameWriter`
         whose background channel is filled with ones: nothing is written outside the brain's
-        box), so that they never are in memory whole; ``parc``: a :class:`synthkit.models.synthparc.inference.Parcellator` that splits the
-        cortex into its parcels (labels, volumes and posteriors).
+        box), so that they never are in memory whole; ``parc``: a
+        :class:`synthkit.models.synthparc.inference.Parcellator` that splits the cortex into
+        its parcels (labels, volumes and posteriors).
 
         Post-processing runs on the network grid; a coarser network grid's posteriors then come
         to the 1 mm output grid slab by slab (trilinear), each slab giving its hard labels,
