@@ -37,7 +37,8 @@ bench-synth: install
 	$(PY) scripts/bench_synth.py --labels $(DATA)/label_maps --out docs/bench_synth.md
 
 bench-synthseg: install
-	$(PY) scripts/bench_synthseg.py --data $(DATA)/dev_eval --out docs/bench_synthseg.md
+	$(PY) scripts/bench_synthseg.py --data $(DATA)/dev_eval --out docs/bench_synthseg.md \
+	    --card models/synthseg.json --parc-card models/synthparc.json
 
 # SynthSR outputs segmented by mri_synthseg (OASIS 1 mm / 1x1x5 / 5x1x1, ixi002 T2, CT-like),
 # similarity to the real T1, 256^3 timing; scores into the model card
