@@ -4,6 +4,7 @@ frozen SynthSeg term, and mri_synthsr end to end with a tiny random-weight netwo
 import json
 import os
 
+import keras
 import nibabel as nib
 import numpy as np
 import pytest
@@ -313,3 +314,63 @@ def test_hybrid_network_trains_checkpoints_exports_and_synthesizes(tmp_path, ban
     data[5:25, 5:25, 5:25] = np.random.default_rng(1).random((20, 20, 20)) + 1
     out = sr.synthesize(data, np.eye(4))
     assert out.image.shape == out.grid.data.shape and np.isfinite(out.image).all()
+
+
+def test_crop_mode_segments_the_whole_example_and_trains_the_unet_on_its_centre(tmp_path,
+                                                                              bank_cfg):
+    """task option crop: the frozen segmenter sees the whole example (as it sees the whole scan
+    at inference: on an 80 mm crop its labels agree with its whole-head ones at Dice 0.1-0.2),
+    the U-Net its centre; the loss's segmenter sees the prediction pasted into the target T1;
+    --init loads a hybrid export, checkpoints reload, the export is the plain hybrid."""
+    from synthkit import trainer
+    prefix = _tiny_synthseg(tmp_path)
+    opts = {'seg_weight': 0.25, 'seg_model': prefix, 'seg_input': True}
+    cfg = TrainConfig(**{**bank_cfg.__dict__, 'steps': 2, 'val_every': 2,
+                         'task_options': {**opts, 'crop': 16}})
+    task = models.create(cfg)
+    model = task.build_model()
+    bank = task.make_bank(cfg.label_maps)
+    sampler, rng = task.stream(0)
+    x, t = task.batch(sampler, bank, rng, 1)
+    image, context = x
+    assert image.shape == context.shape == (1, 24, 24, 24, 1)
+    assert not context[:, 4:20, 4:20, 4:20].any() and context.any()
+    y = task.encode(t)
+    assert y[0].shape == (1, 16, 16, 16, 1) and y[1].shape == (1, 8, 8, 8, 33)
+    np.testing.assert_array_equal(y[0], t[0][:, 4:20, 4:20, 4:20])
+    # the U-Net's input: the image and the posteriors of the whole example, then cropped
+    hybrid = task.exported_network(model)
+    probe = keras.Model(model.inputs, model.get_layer('centre_crop').output)
+    whole = keras.Model(hybrid.inputs, hybrid.get_layer('image_and_posteriors').output)
+    np.testing.assert_allclose(np.asarray(probe.predict_on_batch(x)),
+                               np.asarray(whole.predict_on_batch(image))[:, 4:20, 4:20, 4:20],
+                               atol=1e-5)
+    sr, post = model.predict_on_batch(x)
+    assert np.asarray(sr).shape == (1, 16, 16, 16, 1)
+    assert np.asarray(post).shape == (1, 8, 8, 8, 33)
+    pasted = keras.Model(model.inputs, model.get_layer('paste').output).predict_on_batch(x)
+    np.testing.assert_allclose(np.asarray(pasted)[:, 4:20, 4:20, 4:20],
+                               np.maximum(np.asarray(sr), 0), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(pasted)[:, :4], context[:, :4])
+    losses = [float(np.ravel(np.asarray(model.train_on_batch(x, y)))[0]) for _ in range(2)]
+    assert all(np.isfinite(losses))
+    # --init from a hybrid export of the plain mode; then train, checkpoint, export
+    plain = TrainConfig(**{**bank_cfg.__dict__, 'steps': 1, 'task_options': opts})
+    trainer.Trainer(plain, str(tmp_path / 'plain'), progress=False).run()
+    trainer.export(str(tmp_path / 'plain'), str(tmp_path / 'sr0'))
+    run = str(tmp_path / 'run')
+    trainer.Trainer(cfg, run, progress=False, init=str(tmp_path / 'sr0')).run()
+    again = task.load_checkpoint(os.path.join(run, 'ckpt.keras'))
+    card = trainer.export(run, str(tmp_path / 'sr1'))
+    assert card['architecture']['type'] == 'synthsr_hybrid' and card['training']['steps'] == 2
+    shipped = task.network()
+    nets.load_weights(shipped, str(tmp_path / 'sr1.weights.h5'))
+    for name in ('frozen_synthseg', 'sr_core'):
+        for a, b in zip(shipped.get_layer(name).weights, again.get_layer(name).weights):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(shipped.get_layer('frozen_synthseg').weights,
+                    srtask.frozen_segmenter(prefix)[0].weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))      # still frozen
+    with pytest.raises(ValueError, match='multiple of 4'):
+        models.create(TrainConfig(**{**cfg.__dict__, 'task_options': {**opts, 'crop': 18}})
+                      ).build_model()

@@ -123,6 +123,12 @@ class Task:
         model.compile(optimizer=keras.optimizers.Adam(self.cfg.learning_rate), loss=self.loss())
         return model
 
+    def load_init(self, model, weights):
+        """Load shipped weights (a bare network's ``.weights.h5``) into the training model
+        ``model`` (``--init``)."""
+        net = self.network_layer
+        (model.get_layer(net) if net else model).load_weights(weights)
+
     def load_checkpoint(self, path):
         """The training model of a checkpoint, optimizer state included."""
         return keras.models.load_model(path, custom_objects=self.custom_objects)

@@ -103,8 +103,7 @@ class Trainer:
             print('resuming %s at step %d' % (self.run_dir, start), flush=True)
         elif self.init:
             model = self.task.build_model()
-            net = self.task.network_layer
-            (model.get_layer(net) if net else model).load_weights(self.init + '.weights.h5')
+            self.task.load_init(model, self.init + '.weights.h5')
             with open(self.init + '.json') as f:
                 done = json.load(f)['training']
             start = int(done['steps'])

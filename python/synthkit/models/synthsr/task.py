@@ -148,7 +148,7 @@ class ImageStatisticsNorm(keras.layers.BatchNormalization):
         return ops.cast(out, self.compute_dtype)
 
 
-def frozen_segmenter(prefix):
+def frozen_segmenter(prefix, name='frozen_synthseg'):
     """The SynthSeg network of ``PREFIX.weights.h5`` / ``PREFIX.json`` as a frozen Keras model
     (its batch norm on each input's statistics when its card says so)."""
     import json
@@ -156,7 +156,7 @@ def frozen_segmenter(prefix):
         card = json.load(f)
     cfg = nets.UNetConfig.from_dict({k: v for k, v in card['architecture'].items()
                                      if k != 'type'})
-    model = nets.unet(cfg, name='frozen_synthseg')
+    model = nets.unet(cfg, name=name)
     nets.load_weights(model, prefix + '.weights.h5')
     if card.get('input', {}).get('norm_statistics') == 'image':
         _image_statistics(model)
@@ -241,6 +241,9 @@ class SROptions(Options):
     seg_model: str = 'models/synthseg'   # its weights prefix (inside checkpoints once trained)
     real_fraction: float = 0.5     # share of examples from real-T1 subjects (if the bank has both)
     seg_input: bool = False        # feed the frozen SynthSeg's posteriors of the input too
+    # with seg_input: the U-Net trains on the centre crop^3 of each example (cfg.shape) while the
+    # segmenter sees the whole example, as it sees the whole scan at inference (0: no crop)
+    crop: int = 0
 
 
 class SRTask(Task):
@@ -314,7 +317,45 @@ class SRTask(Task):
                 'segmenter': seg_card['architecture'],
                 'segmenter_norm_statistics': seg_card.get('input', {}).get('norm_statistics')}
 
+    def _margins(self):
+        """Voxels cropped from each side of an example for the U-Net (crop mode): even, so that
+        the crop's 2 mm grid is the segmenter's."""
+        margins = tuple((int(n) - self.opts.crop) // 2 for n in self.cfg.shape)
+        if any(m < 0 or m % 2 or int(n) - self.opts.crop != 2 * m
+               for m, n in zip(margins, self.cfg.shape)):
+            raise ValueError('task option crop=%d: the example shape %s must exceed it by a '
+                             'multiple of 4 voxels along each axis'
+                             % (self.opts.crop, tuple(self.cfg.shape)))
+        return margins
+
+    def _crop_model(self):
+        """Crop mode's training model: the hybrid network's layers with the U-Net on the centre
+        crop of the example's image and posteriors; with ``seg_weight``, the frozen SynthSeg
+        of the loss sees the prediction pasted into the example's target T1 (the input
+        'context', its centre zeroed), so it too segments a whole head, not a crop."""
+        net = self.network()
+        margins = self._margins()
+        image = keras.Input((None, None, None, 1), name='image')
+        low = net.get_layer('input_to_2mm')(image)
+        post = net.get_layer('frozen_synthseg')(net.get_layer('input_minmax')(low))
+        both = net.get_layer('image_and_posteriors')([image, net.get_layer('posteriors_to_1mm')(
+            post)])
+        sr = net.get_layer('sr_core')(keras.layers.Cropping3D(
+            tuple((m, m) for m in margins), name='centre_crop')(both))
+        if not self.opts.seg_weight:
+            return keras.Model(image, sr, name='synthsr_training')
+        context = keras.Input((None, None, None, 1), name='context')
+        pasted = keras.layers.Add(name='paste')([keras.layers.ZeroPadding3D(
+            tuple((m, m) for m in margins), name='to_context')(keras.layers.ReLU()(sr)), context])
+        seg, _ = frozen_segmenter(self.opts.seg_model, name='loss_synthseg')
+        low = keras.layers.AveragePooling3D(2, name='to_2mm')(pasted)
+        post = keras.layers.Cropping3D(tuple((m // 2, m // 2) for m in margins),
+                                       name='centre_crop_2mm')(seg(MinMax(name='minmax')(low)))
+        return keras.Model([image, context], [sr, post], name='synthsr_training')
+
     def training_model(self):
+        if self.opts.crop:
+            return self._crop_model()
         net = self.network()
         if not self.opts.seg_weight:
             return net
@@ -338,7 +379,10 @@ class SRTask(Task):
         return model
 
     def bare(self, model):
-        """The SR network inside a training model (or the model itself)."""
+        """The SR network inside a training model (or the model itself); crop mode: a hybrid
+        network with the training model's segmenter and U-Net weights."""
+        if self.opts.crop:
+            return self.exported_network(model)
         try:
             return model.get_layer(self.network_layer)
         except ValueError:
@@ -347,8 +391,20 @@ class SRTask(Task):
     def exported_network(self, model):
         self._segmenter = None       # a fresh segmenter: the trained one belongs to ``model``
         bare = self.network()
+        if self.opts.crop:
+            for name in ('frozen_synthseg', 'sr_core'):
+                bare.get_layer(name).set_weights(model.get_layer(name).get_weights())
+            return bare
         bare.set_weights(self.bare(model).get_weights())
         return bare
+
+    def load_init(self, model, weights):
+        if not self.opts.crop:
+            return super().load_init(model, weights)
+        hybrid = self.network()
+        nets.load_weights(hybrid, weights)
+        for name in ('frozen_synthseg', 'sr_core'):
+            model.get_layer(name).set_weights(hybrid.get_layer(name).get_weights())
 
     # -------------------------------------------------------------------------------- data
     def make_bank(self, paths):
@@ -384,8 +440,29 @@ class SRTask(Task):
         seg = self.seg_lookup[labels].astype(np.uint8)
         return image, (np.stack(targets)[..., None], seg)
 
+    def _centre(self, x):
+        """The centre crop (crop mode) of arrays (B, X, Y, Z, ...)."""
+        return x[(slice(None),) + tuple(slice(m, m + self.opts.crop) for m in self._margins())]
+
+    def prepare(self, x):
+        if not (self.opts.crop and self.opts.seg_weight):
+            return x
+        image, t1 = x
+        context = np.array(t1, np.float32)
+        context[(slice(None),) + tuple(slice(m, m + self.opts.crop)
+                                       for m in self._margins())] = 0
+        return [image, context]
+
+    def batch(self, sampler, bank, rng, n, raw=False):
+        x, t = self.sample(sampler, bank, rng, n)
+        if self.opts.crop and self.opts.seg_weight:
+            x = (x, t[0])          # the target T1 around the crop is the loss's context
+        return (x, t) if raw else (self.prepare(x), t)
+
     def encode(self, target):
         t1, seg = target
+        if self.opts.crop:
+            t1, seg = self._centre(t1), self._centre(seg)
         if not self.opts.seg_weight:
             return t1
         onehot = ops.one_hot(ops.convert_to_tensor(seg, 'int32'), self.n_seg)
