@@ -396,8 +396,7 @@ class SRTask(Task):
         self._segmenter = None       # a fresh segmenter: the trained one belongs to ``model``
         bare = self.network()
         if self.opts.crop:
-            for name in ('frozen_synthseg', 'sr_core'):
-                bare.get_layer(name).set_weights(model.get_layer(name).get_weights())
+            _copy_parts(model, bare)
             return bare
         bare.set_weights(self.bare(model).get_weights())
         return bare
@@ -407,8 +406,7 @@ class SRTask(Task):
             return super().load_init(model, weights)
         hybrid = self.network()
         nets.load_weights(hybrid, weights)
-        for name in ('frozen_synthseg', 'sr_core'):
-            model.get_layer(name).set_weights(hybrid.get_layer(name).get_weights())
+        _copy_parts(hybrid, model)
 
     # -------------------------------------------------------------------------------- data
     def make_bank(self, paths):
@@ -453,8 +451,7 @@ class SRTask(Task):
             return x
         image, t1 = x
         context = np.array(t1, np.float32)
-        context[(slice(None),) + tuple(slice(m, m + self.opts.crop)
-                                       for m in self._margins())] = 0
+        self._centre(context)[...] = 0          # a view: the centre of the copy
         return [image, context]
 
     def batch(self, sampler, bank, rng, n, raw=False):
@@ -511,6 +508,13 @@ class SRTask(Task):
             text += ' + %.2g x soft Dice of the frozen SynthSeg (%s) on the prediction' % (
                 self.opts.seg_weight, self.opts.seg_model)
         return text + '; validation score: correlation with the target T1'
+
+
+def _copy_parts(source, target):
+    """The weights of the hybrid network's two parts (frozen segmenter, U-Net) from one model
+    holding them to another (crop mode's training model and the shipped hybrid)."""
+    for name in ('frozen_synthseg', 'sr_core'):
+        target.get_layer(name).set_weights(source.get_layer(name).get_weights())
 
 
 def _stripped(image, labels, dark=0.01):
