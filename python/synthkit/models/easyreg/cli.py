@@ -69,7 +69,7 @@ def build_parser():
     p.add_argument('--fine', metavar='MM', type=float, default=0.0,
                    help='(SynthKit) voxel size of a second network level, finer than the '
                         'network\'s own grid (0: none; default: %(default)g)')
-    p.add_argument('--optimize', metavar='N', type=int, default=50,
+    p.add_argument('--optimize', metavar='N', type=int, default=100,
                    help='(SynthKit) iterations of mutual-information optimization after the '
                         'network (0: none; default: %(default)s)')
     p.add_argument('-v', '--verbose', action='store_true', help='(SynthKit) print each step')

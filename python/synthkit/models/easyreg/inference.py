@@ -171,7 +171,7 @@ class EasyReg:
             self.registrar = Registrar(deform_model=deform_model)
 
     def register(self, ref, flo, ref_seg, flo_seg, mode='image', lam=0.5, steps=7, fine_mm=None,
-                 iterations=50, progress=None):
+                 iterations=100, progress=None):
         """``(forward, backward, A)``: :class:`transforms.Transform` s floating -> reference
         grid and back (displacement fields, or matrices without a deformable model), and the
         affine matrix. ``ref``/``flo``: ``(data, affine)`` of the images; ``ref_seg``/``flo_seg``
