@@ -121,6 +121,8 @@ def main():
     t1t2 = metrics.dice_table(h2, h1, both)
     print('ixi002 T1<->T2 dice %.3f' % mean(t1t2), flush=True)
 
+    head_lines, head_scores = whole_heads(seg, args.data, labels)
+
     timing = None
     if not args.skip_timing:
         t1 = io.load_volume(os.path.join(args.data, OASIS[0], 't1.nii.gz'))
@@ -145,6 +147,7 @@ def main():
         'per_label_oasis_dice': {lab.SYNTHSEG_NAMES[k]: round(float(np.mean(v)), 4)
                                  for k, v in sorted(per_label.items())},
     }
+    scores.update(head_scores)
     if timing:
         scores['seconds_256cubed_2threads'] = round(timing[0], 1)
         scores['peak_gb_256cubed'] = round(timing[1], 2)
@@ -172,13 +175,56 @@ def main():
               for (n, d, s), t in zip(rows, thick_rows)]
     lines += ['', '| structure | mean Dice (OASIS) |', '| --- | --- |']
     lines += ['| %s | %.3f |' % (n, v) for n, v in scores['per_label_oasis_dice'].items()]
-    lines += [''] + parc_lines
+    lines += [''] + head_lines + [''] + parc_lines
     text = '\n'.join(lines) + '\n'
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w') as f:
         f.write(text)
     print(text)
     merge_card(args.card, scores, replace=True)
+
+
+def whole_heads(seg, data, labels):
+    """(markdown lines, scores) on the whole-head T1s of ../shared/data/fs_subjects (FreeSurfer
+    6 asegs; scans SynthSeg never trains on, not skull-stripped, unlike the OASIS ones)."""
+    root = os.path.join(data, '..', 'fs_subjects')
+    subjects = sorted(d for d in (os.listdir(root) if os.path.isdir(root) else [])
+                      if os.path.isfile(os.path.join(root, d, 'T1.mgz'))
+                      and os.path.isfile(os.path.join(root, d, 'aseg.mgz')))
+    title = ['## Whole heads: fs_subjects', '']
+    if not subjects:
+        return title + ['No fs_subjects found: not measured.'], {}
+    scored = [k for k in labels if k != 24]   # FreeSurfer's CSF label is not SynthSeg's
+    rows, per_label, ratio = [], {}, {}
+    for name in subjects:
+        t1 = io.load_volume(os.path.join(root, name, 'T1.mgz'))
+        ref = fold(np.asarray(io.load_volume(os.path.join(root, name, 'aseg.mgz')).data))
+        hard, aff = segment(seg, t1.data, t1.affine)
+        hard = on_grid(hard, aff, ref.shape, t1.affine)
+        d = metrics.dice_table(hard, ref, [k for k in scored if (ref == k).any()])
+        rows.append((name, mean(d)))
+        for k, v in d.items():
+            per_label.setdefault(k, []).append(v)
+        for k in (4, 43, 5, 44):       # the ventricles: ours / FreeSurfer's volume
+            ratio.setdefault(k, []).append(float((hard == k).sum() / max((ref == k).sum(), 1)))
+        print('%s (whole head): dice %.3f' % rows[-1], flush=True)
+    per = {lab.SYNTHSEG_NAMES[k]: round(float(np.mean(v)), 4) for k, v in sorted(per_label.items())}
+    scores = {'fs_subjects_whole_head_mean_dice': round(float(np.mean([r[1] for r in rows])), 4),
+              'per_label_fs_subjects_dice': per}
+    worst = sorted(per.items(), key=lambda kv: kv[1])[:5]
+    lines = title + [
+        'T1.mgz (whole head, 256^3, FreeSurfer-normalized) of the %d subjects, scored against '
+        'their FreeSurfer 6 aseg.mgz (choroid plexus folded into the lateral ventricles, CSF '
+        '(24) not scored). SynthSeg never trains on them (SynthSR and the parcellation model '
+        'do). Mean Dice **%.3f** (OASIS, skull-stripped: see above).' % (
+            len(rows), scores['fs_subjects_whole_head_mean_dice']), '',
+        '| subject | Dice |', '| --- | --- |']
+    lines += ['| %s | %.3f |' % r for r in rows]
+    lines += ['', 'Lowest structures: ' + ', '.join('%s %.3f' % kv for kv in worst) + '. '
+              'Volume ours / FreeSurfer\'s (median over subjects): ' + ', '.join(
+                  '%s %.2f' % (lab.SYNTHSEG_NAMES[k], float(np.median(v)))
+                  for k, v in ratio.items()) + '.']
+    return lines, scores
 
 
 def parcellation(seg, args):
