@@ -193,6 +193,30 @@ def test_label_map_bank_crops_and_centres(tmp):
     np.testing.assert_array_equal(nz.min(0), [5, 9, 5])
 
 
+def test_shrink_structures_erodes_ventricles_into_the_tissue_around_them():
+    a = np.zeros((40, 40, 40), np.int16)
+    a[4:36, 4:36, 4:36] = 2                      # white matter
+    a[10:30, 15:25, 15:25] = 4                   # a lateral ventricle, 20 x 10 x 10
+    a[30:32, 18:21, 18:21] = 5                   # a thin inferior horn beside it
+    a[10:30, 15:25, 25:28] = 11                  # caudate along one side
+    a[20, 20, 20] = 31                           # choroid plexus inside the ventricle
+    out = gen.shrink_structures(a, 1)
+    assert out is not a and (a == 4).sum() == 20 * 10 * 10 - 1       # input untouched
+    # one voxel off every face of the cavity (the group 4 + 5 + 31 erodes as one: where the
+    # horn joins it, a 3 x 3 patch of the ventricle is inside the group and stays)
+    assert (out == 4).sum() == 18 * 8 * 8 - 1 + 9
+    np.testing.assert_array_equal(np.argwhere(out == 4).min(0), [11, 16, 16])
+    # what it lost went to the nearest tissue: caudate on its side, white matter elsewhere
+    lost = (a == 4) & (out != 4)
+    assert set(np.unique(out[lost])) == {2, 11}
+    assert (out[11:29, 16:24, 24] == 11).all()
+    # the inferior horn would keep under 30 %: it stays whole, as does the choroid plexus
+    assert ((out == 5) == (a == 5)).all() and out[20, 20, 20] == 31
+    # nothing else changes; radius 0 is a copy
+    assert (out[a != 4] == a[a != 4]).all()
+    assert (gen.shrink_structures(a, 0) == a).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # other backends
 

@@ -1,6 +1,7 @@
 """Training: losses, a short run on generated label maps, resume, export and warm start."""
 
 import csv
+import dataclasses
 import json
 import os
 
@@ -166,6 +167,26 @@ def test_run_stops_with_a_checkpoint_when_out_of_time(tiny_cfg, tmp_path):
     state = json.load(open(os.path.join(run, 'state.json')))
     assert state['step'] == 1 and os.path.exists(os.path.join(run, 'ckpt.keras'))
     assert trainer.read_log(run)[-1]['step'] == '1'
+
+
+def test_ventricle_erosion_adds_training_variants_but_not_held_out_ones(tiny_cfg, tmp_path):
+    maps = []
+    for i in range(2):                       # a 14^3 ventricle inside white matter
+        a = np.zeros((24, 24, 24), np.int16)
+        a[2:22, 2:22, 2:22] = 2
+        a[4:18, 4:18, 4:18 - i] = 4
+        maps.append(str(tmp_path / ('v%d.nii.gz' % i)))
+        nib.save(nib.Nifti1Image(a, np.eye(4)), maps[-1])
+    cfg = dataclasses.replace(tiny_cfg, task='synthseg', label_maps=maps,
+                              task_options={'ventricle_erosion': [1, 2]})
+    task = models.create(cfg)
+    bank = task.training_bank(cfg.label_maps)
+    assert len(bank) == 3 * len(cfg.label_maps)           # each map, then eroded by 1 and 2
+    ventricle = [(m == 4).sum() for m in bank.maps[:3]]
+    assert ventricle == [14 ** 3, 12 ** 3, 10 ** 3]
+    assert len(task.make_bank(cfg.val_maps)) == len(cfg.val_maps)
+    plain = models.create(dataclasses.replace(cfg, task_options={}))
+    assert len(plain.training_bank(cfg.label_maps)) == len(cfg.label_maps)
 
 
 def test_task_options_reject_unknown_names():

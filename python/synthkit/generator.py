@@ -244,6 +244,49 @@ def load_label_map(path):
     return data.astype(np.int16), None
 
 
+#: The ventricular system as :func:`shrink_structures` erodes it: each group one cavity (left
+#: lateral ventricle with its inferior horn and choroid plexus, the right one, 3rd, 4th).
+VENTRICLE_GROUPS = ((4, 5, 31), (43, 44, 63), (14,), (15,))
+
+
+def shrink_structures(data, radius, groups=VENTRICLE_GROUPS, min_kept=0.3):
+    """A copy of label map ``data`` whose structures ``groups`` (tuples of labels, each eroded
+    as one) are eroded by ``radius`` voxels; the voxels taken from them get the label of the
+    nearest voxel outside every group and outside CSF (24): the tissue around a cavity grows
+    into it, as in a brain with smaller ventricles. A label that would keep less than
+    ``min_kept`` of its volume keeps all of it (a thin inferior horn is not erased)."""
+    from scipy import ndimage
+    data = np.array(data, copy=True)
+    if radius <= 0:
+        return data
+    cavity = np.isin(data, [l for g in groups for l in g])
+    if not cavity.any():
+        return data
+    nz = np.argwhere(cavity)
+    pad = int(radius) + 4
+    box = tuple(slice(max(int(a) - pad, 0), int(b) + pad + 1)
+                for a, b in zip(nz.min(0), nz.max(0)))
+    sub = data[box]
+    blocked = np.isin(sub, [l for g in groups for l in g] + [24])
+    ball = ndimage.generate_binary_structure(3, 1)
+    removed = np.zeros(sub.shape, bool)
+    for group in groups:
+        mask = np.isin(sub, group)
+        if not mask.any():
+            continue
+        gone = mask & ~ndimage.binary_erosion(mask, ball, iterations=int(radius))
+        for label in group:       # a label mostly eroded away stays as it was
+            own = sub == label
+            if own.any() and (own & ~gone).sum() < min_kept * own.sum():
+                gone &= ~own
+        removed |= gone
+    if removed.any():
+        _, idx = ndimage.distance_transform_edt(blocked, return_indices=True)
+        sub[removed] = sub[tuple(i[removed] for i in idx)]
+    data[box] = sub
+    return data
+
+
 class LabelMapBank:
     """Label maps held in memory (int16), cropped to the head and padded to one shape.
 

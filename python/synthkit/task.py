@@ -144,6 +144,11 @@ class Task:
         """The in-memory training (or held-out) data of ``paths``."""
         return gen.LabelMapBank(paths)
 
+    def training_bank(self, paths):
+        """The training data of ``paths`` (what examples are drawn from; the held-out maps go
+        through :meth:`make_bank` alone): by default the same."""
+        return self.make_bank(paths)
+
     def make_sampler(self, seed):
         params = gen.GeneratorParams.from_dict(self.cfg.generator)
         return gen.PairSampler(gen.SynthGenerator(self.cfg.shape, params, seed=seed), seed=seed)

@@ -121,10 +121,10 @@ class Trainer:
         self._session = (start, device_description())
         if start >= cfg.steps:
             return model
-        bank = self.task.make_bank(cfg.label_maps)
         val = self.task.validation_set()
         feed = SamplingProcesses(self.task, start, workers) if workers else None
-        if feed is None:
+        if feed is None:     # sampling processes hold their own training data
+            bank = self.task.training_bank(cfg.label_maps)
             sampler, rng = self.task.stream(start)
         new_log = not os.path.exists(self.log_path)
         logf = open(self.log_path, 'w' if new_log else 'a', newline='')
@@ -233,7 +233,7 @@ def _sampling_process(cfg, start, worker, queue):
     """Body of one sampling process: batches ``(x, target)`` of the stream (``start``,
     ``worker``) into ``queue``, before ``task.prepare``, until killed."""
     task = models.create(cfg)
-    bank = task.make_bank(cfg.label_maps)
+    bank = task.training_bank(cfg.label_maps)
     sampler, rng = task.stream(start, worker)
     while True:
         queue.put(task.batch(sampler, bank, rng, cfg.batch_size, raw=True))

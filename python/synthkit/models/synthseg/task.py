@@ -3,16 +3,28 @@
 import numpy as np
 from keras import ops
 
+import dataclasses
+
+from ... import generator as gen
 from ... import labels as lab
 from ... import losses, metrics
 from ...task import Options, Task, TrainConfig
+
+
+@dataclasses.dataclass
+class SegmentationOptions(Options):
+    # each training map also in variants whose ventricles are eroded by these radii (1 mm
+    # voxels), the tissue around them taking their place (generator.shrink_structures): the
+    # training maps' ventricles are large (lateral 4-31 cc) and the network over-segments
+    # small ones (1.5x the lateral, 4-5x the inferior lateral ventricles of young heads)
+    ventricle_erosion: tuple = ()
 
 
 class SegmentationTask(Task):
     """Target: the deformed label map as output channels; loss: soft Dice (+ CE); score: mean
     hard Dice over the labels present."""
     name = 'synthseg'
-    Options = Options
+    Options = SegmentationOptions
     custom_objects = losses.CUSTOM_OBJECTS
 
     def __init__(self, cfg):
@@ -25,6 +37,20 @@ class SegmentationTask(Task):
         # far faster per hour than 1 mm crops of a third of the brain
         return TrainConfig(**cls.split(maps), generator={'voxsize_mm': 2.0,
                                                          'translation_range_mm': (-20.0, 20.0)})
+
+    def training_bank(self, paths):
+        radii = [int(r) for r in self.opts.ventricle_erosion]
+        if not radii:
+            return self.make_bank(paths)
+        cache = {}
+
+        def load(item):
+            path, radius = item
+            if path not in cache:
+                cache.clear()
+                cache[path] = gen.load_label_map(path)[0]
+            return gen.shrink_structures(cache[path], radius), None
+        return gen.LabelMapBank([(p, r) for p in paths for r in [0] + radii], loader=load)
 
     def target(self, labels):
         return self.lookup[labels[..., 0]]
