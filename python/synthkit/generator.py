@@ -259,7 +259,8 @@ def shrink_structures(data, radius, groups=VENTRICLE_GROUPS, min_kept=0.3):
     data = np.array(data, copy=True)
     if radius <= 0:
         return data
-    cavity = np.isin(data, [l for g in groups for l in g])
+    members = [label for group in groups for label in group]
+    cavity = np.isin(data, members)
     if not cavity.any():
         return data
     nz = np.argwhere(cavity)
@@ -267,7 +268,7 @@ def shrink_structures(data, radius, groups=VENTRICLE_GROUPS, min_kept=0.3):
     box = tuple(slice(max(int(a) - pad, 0), int(b) + pad + 1)
                 for a, b in zip(nz.min(0), nz.max(0)))
     sub = data[box]
-    blocked = np.isin(sub, [l for g in groups for l in g] + [24])
+    blocked = np.isin(sub, members + [24])
     ball = ndimage.generate_binary_structure(3, 1)
     removed = np.zeros(sub.shape, bool)
     for group in groups:

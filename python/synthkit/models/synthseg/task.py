@@ -1,9 +1,10 @@
 """Training task of the SynthSeg network: synthetic image -> 33 segmentation channels."""
 
+import dataclasses
+import functools
+
 import numpy as np
 from keras import ops
-
-import dataclasses
 
 from ... import generator as gen
 from ... import labels as lab
@@ -42,14 +43,11 @@ class SegmentationTask(Task):
         radii = [int(r) for r in self.opts.ventricle_erosion]
         if not radii:
             return self.make_bank(paths)
-        cache = {}
+        read = functools.lru_cache(maxsize=1)(lambda path: gen.load_label_map(path)[0])
 
-        def load(item):
+        def load(item):          # a map's variants come one after another: read it once
             path, radius = item
-            if path not in cache:
-                cache.clear()
-                cache[path] = gen.load_label_map(path)[0]
-            return gen.shrink_structures(cache[path], radius), None
+            return gen.shrink_structures(read(path), radius), None
         return gen.LabelMapBank([(p, r) for p in paths for r in [0] + radii], loader=load)
 
     def target(self, labels):
