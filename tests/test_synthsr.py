@@ -125,12 +125,12 @@ def test_targets_follow_the_deformed_anatomy(bank_cfg):
                 assert 0.8 < np.median(values) < 1.2
 
 
-def _tiny_synthseg(folder):
+def _tiny_synthseg(folder, seed=1, name='synthseg', features=4):
     """A tiny random SynthSeg (2 mm, batch norm on image statistics) in ``folder``: its
     weights prefix."""
-    seg_cfg = nets.UNetConfig(features=4, levels=2, convs_per_level=1)
-    prefix = str(folder / 'synthseg')
-    seeded(nets.unet(seg_cfg), 1).save_weights(prefix + '.weights.h5')
+    seg_cfg = nets.UNetConfig(features=features, levels=2, convs_per_level=1)
+    prefix = str(folder / name)
+    seeded(nets.unet(seg_cfg), seed).save_weights(prefix + '.weights.h5')
     with open(prefix + '.json', 'w') as f:
         json.dump({'task': 'synthseg', 'architecture': {'type': 'unet', **seg_cfg.to_dict()},
                    'input': {'voxsize_mm': 2.0, 'norm_statistics': 'image'}}, f)
@@ -374,3 +374,63 @@ def test_crop_mode_segments_the_whole_example_and_trains_the_unet_on_its_centre(
     with pytest.raises(ValueError, match='multiple of 4'):
         models.create(TrainConfig(**{**cfg.__dict__, 'task_options': {**opts, 'crop': 18}})
                       ).build_model()
+
+
+def _weights_equal(a, b):
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+
+
+def test_set_segmenter_swaps_synthseg_in_an_export_and_a_checkpoint(tmp_path, bank_cfg):
+    """scripts/synthsr_set_segmenter.py: a newer SynthSeg goes into a hybrid export (card
+    records it) and into a crop-mode checkpoint (network and loss segmenters), the U-Net and the
+    optimizer state stay; another architecture is refused with a one-line error."""
+    import importlib.util
+    old = _tiny_synthseg(tmp_path, seed=1, name='seg_old')
+    new = _tiny_synthseg(tmp_path, seed=2, name='seg_new')
+    other = _tiny_synthseg(tmp_path, seed=3, name='seg_wide', features=8)
+    opts = {'seg_weight': 0.25, 'seg_model': old, 'seg_input': True, 'crop': 16}
+    cfg = TrainConfig(**{**bank_cfg.__dict__, 'steps': 1, 'task_options': opts})
+    task = models.create(cfg)
+    model = task.build_model()
+    bank = task.make_bank(cfg.label_maps)
+    sampler, rng = task.stream(0)
+    x, t = task.batch(sampler, bank, rng, 1)
+    model.train_on_batch(x, task.encode(t))
+    ckpt = str(tmp_path / 'ckpt.keras')
+    model.save(ckpt)
+    hybrid = task.exported_network(model)
+    export = str(tmp_path / 'sr.weights.h5')
+    hybrid.save_weights(export)
+    with open(str(tmp_path / 'sr.json'), 'w') as f:
+        json.dump({'task': 'synthsr', 'architecture': task.architecture(), 'training': {}}, f)
+    new_seg = srtask.frozen_segmenter(new)[0].get_weights()
+    assert not _weights_equal(hybrid.get_layer('frozen_synthseg').get_weights(), new_seg)
+
+    spec = importlib.util.spec_from_file_location(
+        'set_segmenter', os.path.join(os.path.dirname(__file__), '..', 'scripts',
+                                      'synthsr_set_segmenter.py'))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main([export, '--seg', new + '.weights.h5']) == 0
+    card = json.load(open(str(tmp_path / 'sr.json')))
+    assert card['training']['segmenter']['weights'] == 'seg_new.weights.h5'
+    swapped, _ = srtask.load_hybrid(export, card['architecture'])
+    assert _weights_equal(swapped.get_layer('frozen_synthseg').get_weights(), new_seg)
+    assert _weights_equal(swapped.get_layer('sr_core').get_weights(),
+                          hybrid.get_layer('sr_core').get_weights())
+
+    out = str(tmp_path / 'swapped.keras')
+    assert script.main([ckpt, '--seg', new, '--out', out]) == 0
+    again = task.load_checkpoint(out)
+    for name in ('frozen_synthseg', 'loss_synthseg'):
+        assert _weights_equal(again.get_layer(name).get_weights(), new_seg)
+    assert _weights_equal(again.get_layer('sr_core').get_weights(),
+                          model.get_layer('sr_core').get_weights())
+    assert int(again.optimizer.iterations.numpy()) == 1
+    assert _weights_equal(task.load_checkpoint(ckpt).get_layer('frozen_synthseg').get_weights(),
+                          model.get_layer('frozen_synthseg').get_weights())   # input kept
+
+    with pytest.raises(ValueError, match='differs in architecture'):
+        srtask.replace_segmenter(export, other)
+    with pytest.raises(ValueError, match='differs in architecture'):
+        srtask.replace_segmenter(ckpt, other)
