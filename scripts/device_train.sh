@@ -6,7 +6,9 @@
 # overrides. All runs train concurrently for $MINUTES minutes (default 8); then each run
 # directory and its log are packed into $OUT/NAME.tgz. $WORKERS lists, run by run, how many CPU
 # processes generate its training data (default 0: the training process itself, which leaves
-# the GPU mostly idle).
+# the GPU mostly idle). $SNAPSHOT_EVERY (steps, default 0: none) keeps weight snapshots in
+# the run directory (about 6 MB each for SynthSeg, the last 10), for an export averaging them
+# (train.py --export-only --average K).
 #
 #   WORKERS="10" bash scripts/device_train.sh \
 #       synthmorph_deform:synthmorph_deform:models/synthmorph_deform
@@ -27,7 +29,8 @@ read -r -a workers <<< "${WORKERS:-}"
 for spec in "$@"; do
     IFS=: read -r name task init sets <<< "$spec"
     args=(--task "$task" --labels .data/label_maps --run "runs/$name" --steps 1000000
-          --minutes "$MINUTES" --checkpoint-minutes 2 --workers "${workers[${#names[@]}]:-0}")
+          --minutes "$MINUTES" --checkpoint-minutes 2 --workers "${workers[${#names[@]}]:-0}"
+          --snapshot-every "${SNAPSHOT_EVERY:-0}")
     [ -n "$init" ] && [ ! -f "runs/$name/state.json" ] && args+=(--init "$init")
     IFS=';' read -r -a items <<< "${sets:-}"
     for item in "${items[@]}"; do args+=(--set "$item"); done

@@ -38,6 +38,13 @@ def main():
                    help='generate the training data in this many CPU processes (default: in '
                         'the training process)')
     p.add_argument('--export-only', action='store_true', help='only export the last checkpoint')
+    p.add_argument('--snapshot-every', type=int, default=0, metavar='STEPS',
+                   help='keep the weights at a checkpoint every STEPS steps in RUN/snapshots/ '
+                        '(default: none)')
+    p.add_argument('--snapshot-keep', type=int, default=10, help='snapshots kept (default 10)')
+    p.add_argument('--average', type=int, default=0, metavar='K',
+                   help='export the mean of the last K snapshots (weight averaging) instead '
+                        'of the last checkpoint')
     p.add_argument('--init', help='start a new run from shipped weights PREFIX (e.g. '
                                   'models/synthseg), continuing their step count')
     args = p.parse_args()
@@ -53,14 +60,15 @@ def main():
         cfg.checkpoint_minutes = args.checkpoint_minutes
     run = args.run or os.path.join('runs', args.task)
     if not args.export_only:
-        t = trainer.Trainer(cfg, run, progress=sys.stderr.isatty(), init=args.init)
+        t = trainer.Trainer(cfg, run, progress=sys.stderr.isatty(), init=args.init,
+                            snapshot_every=args.snapshot_every, snapshot_keep=args.snapshot_keep)
         t.run(max_minutes=args.minutes, workers=args.workers)
         if t.stopped and args.export:      # a stopped run is not a finished model
             print('stopped: %s not exported (rerun to resume, or export it with --export-only)'
                   % args.export, flush=True)
             return
     if args.export:
-        card = trainer.export(run, args.export, label_dir=args.labels)
+        card = trainer.export(run, args.export, label_dir=args.labels, average=args.average)
         print('exported %s.weights.h5 (%d steps)' % (args.export, card['training']['steps']))
 
 

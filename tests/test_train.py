@@ -109,6 +109,51 @@ def test_run_resume_and_export(tiny_cfg, tmp_path):
         tuple(v) for v in card['training']['validation_dice_synthetic']]
 
 
+def test_snapshots_and_an_export_averaging_them(tiny_cfg, tmp_path):
+    """--snapshot-every keeps the weights at checkpoints that many steps apart (and at the end),
+    the last --snapshot-keep of them; --average K exports the mean of the last K (a stopped
+    run's last checkpoint counts as the newest), and the card lists their steps."""
+    cfg = TrainConfig(**{**tiny_cfg.__dict__, 'steps': 6, 'checkpoint_minutes': 0})
+    run = str(tmp_path / 'run')
+    trainer.Trainer(cfg, run, progress=False, snapshot_every=2, snapshot_keep=3).run()
+    snaps = trainer.snapshots(run)
+    assert [k for k, _ in snaps] == [3, 5, 6]          # 1 dropped (keep 3); 6: the end
+    arch = nets.UNetConfig.from_dict(cfg.unet)
+    weights = []
+    for _, path in snaps:
+        net = nets.unet(arch)
+        net.load_weights(path)
+        weights.append([np.asarray(v) for v in net.trainable_weights])
+    assert not np.allclose(weights[0][0], weights[-1][0])
+
+    plain = trainer.export(run, str(tmp_path / 'plain'))
+    assert plain['training']['averaged_snapshots'] is None
+    card = trainer.export(run, str(tmp_path / 'avg'), average=3)
+    assert card['training']['averaged_snapshots'] == [3, 5, 6]
+    net = nets.unet(arch)
+    net.load_weights(str(tmp_path / 'avg.weights.h5'))
+    for var, *vals in zip(net.trainable_weights, *weights):
+        np.testing.assert_allclose(np.asarray(var), np.mean(vals, axis=0), rtol=1e-5, atol=1e-6)
+    last = nets.unet(arch)
+    last.load_weights(str(tmp_path / 'plain.weights.h5'))
+    for a, b in zip(net.non_trainable_weights, last.non_trainable_weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))   # the last checkpoint's
+
+    # a run stopped between snapshots: its last checkpoint is the newest member
+    os.remove(snaps[-1][1])
+    card = trainer.export(run, str(tmp_path / 'avg2'), average=2)
+    assert card['training']['averaged_snapshots'] == [5, 6]
+    assert not os.path.exists(str(tmp_path / 'avg2.tmp.weights.h5'))
+    net.load_weights(str(tmp_path / 'avg2.weights.h5'))
+    np.testing.assert_allclose(np.asarray(net.trainable_weights[0]),
+                               (weights[1][0] + weights[2][0]) / 2, rtol=1e-5, atol=1e-6)
+
+    bare = str(tmp_path / 'bare')
+    trainer.Trainer(TrainConfig(**{**cfg.__dict__, 'steps': 1}), bare, progress=False).run()
+    with pytest.raises(ValueError, match='nothing to average'):
+        trainer.export(bare, str(tmp_path / 'none'), average=3)
+
+
 def test_sigterm_stops_at_a_step_with_a_checkpoint(tiny_cfg, tmp_path):
     """kill (or Ctrl-C) ends the run at the end of the current step, with a checkpoint of it,
     and the handlers are restored afterwards."""

@@ -6,6 +6,9 @@ A run lives in one directory::
     RUN/ckpt.keras      model + optimizer state, rewritten atomically every few minutes
     RUN/state.json      the step reached and wall time spent so far
     RUN/log.csv         step, loss, time, and validation Dice when measured
+    RUN/snapshots/      the exported network's weights at some checkpoints
+                        (``snapshot_every``), the last ``snapshot_keep`` kept, for an
+                        export averaging the last few (``export(..., average=K)``)
 
 ``Trainer(cfg, run_dir).run()`` starts or resumes; ``export`` writes the shipped weights and a
 model card. What is trained (network, data, loss, score) is the task's, found in the registry
@@ -40,11 +43,16 @@ def _atomic_json(obj, path):
 class Trainer:
     """Train the network of ``cfg.task`` on synthetic data; resumable from ``run_dir``."""
 
-    def __init__(self, cfg, run_dir, progress=True, init=None):
+    def __init__(self, cfg, run_dir, progress=True, init=None, snapshot_every=0,
+                 snapshot_keep=10):
         """``init``: prefix of shipped weights (``PREFIX.weights.h5`` + card) to start a new run
         from, continuing the card's step count: how training resumes in a fresh clone, where
-        only the shipped weights are committed (the optimizer state starts afresh)."""
+        only the shipped weights are committed (the optimizer state starts afresh).
+        ``snapshot_every`` (steps, 0: none): at the first checkpoint that many steps after the
+        last snapshot, also keep the exported network's weights in ``RUN/snapshots/`` (the last
+        ``snapshot_keep`` of them), for an export that averages them."""
         self.cfg, self.run_dir, self.progress, self.init = cfg, run_dir, progress, init
+        self.snapshot_every, self.snapshot_keep = int(snapshot_every), int(snapshot_keep)
         self.task = models.create(cfg)
         os.makedirs(run_dir, exist_ok=True)
         self.ckpt = os.path.join(run_dir, 'ckpt.keras')
@@ -179,12 +187,61 @@ class Trainer:
         tmp = self.ckpt + '.tmp.keras'
         model.save(tmp)
         os.replace(tmp, self.ckpt)
+        if self.snapshot_every:
+            self.snapshot(model, step)
         first, device = self._session
         devices = merge_devices(self._devices + [[first, step, device]])
         _atomic_json({'step': step, 'seconds': seconds, 'devices': devices,
                       'earlier_validation': self._earlier,
                       'saved': datetime.datetime.now().isoformat(timespec='seconds')},
                      self.state_path)
+
+
+    def snapshot(self, model, step):
+        """Keep the exported network's weights at ``step`` if ``snapshot_every`` steps have
+        passed since the last snapshot (or at the end of the run); drop the oldest beyond
+        ``snapshot_keep``."""
+        done = snapshots(self.run_dir)
+        last = done[-1][0] if done else -self.snapshot_every
+        if step - last < self.snapshot_every and step != self.cfg.steps:
+            return
+        folder = os.path.join(self.run_dir, 'snapshots')
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, 'step_%07d.weights.h5' % step)
+        tmp = path[:-len('.weights.h5')] + '.tmp.weights.h5'
+        self.task.exported_network(model).save_weights(tmp)
+        os.replace(tmp, path)
+        for _, old in snapshots(self.run_dir)[:-max(self.snapshot_keep, 1)]:
+            os.remove(old)
+
+
+def snapshots(run_dir):
+    """[(step, path)] of the weight snapshots of a run, oldest first."""
+    folder = os.path.join(run_dir, 'snapshots')
+    if not os.path.isdir(folder):
+        return []
+    found = []
+    for name in os.listdir(folder):
+        if name.startswith('step_') and name.endswith('.weights.h5') and '.tmp.' not in name:
+            try:
+                found.append((int(name[5:-len('.weights.h5')]), os.path.join(folder, name)))
+            except ValueError:
+                continue
+    return sorted(found)
+
+
+def average_snapshots(net, paths):
+    """Load into ``net`` the mean of the trainable weights of the snapshot files ``paths``
+    (the non-trainable ones, e.g. batch-norm statistics or a frozen sub-network, are those of
+    the last file): stochastic weight averaging over the end of a run."""
+    total = None
+    for path in paths:
+        nets.load_weights(net, path)
+        values = [np.asarray(v, np.float64) for v in net.trainable_weights]
+        total = values if total is None else [a + b for a, b in zip(total, values)]
+    for var, value in zip(net.trainable_weights, total):
+        var.assign((value / len(paths)).astype(var.dtype))
+    return net
 
 
 def device_description():
@@ -322,11 +379,12 @@ def compare_norm_statistics(task, model):
             'image': task.validate(nets.ImageStatistics(net), pairs)}
 
 
-def export(run_dir, prefix, scores=None, notes=None, label_dir=None):
+def export(run_dir, prefix, scores=None, notes=None, label_dir=None, average=0):
     """Write ``PREFIX.weights.h5`` (the weights of the last checkpoint) and the
     model card ``PREFIX.json`` (architecture, training run, devices, scores). ``notes``
     default: those of the card already at ``PREFIX.json`` (its scores are dropped: they were
-    measured on other weights).
+    measured on other weights). ``average`` > 1: the mean of the run's last ``average`` weight
+    snapshots instead (see :class:`Trainer`; the card lists their steps).
 
     With ``label_dir`` (where the run's held-out maps are), the card's
     ``input.norm_statistics`` is whichever batch-norm mode scores better on them (tasks whose
@@ -341,7 +399,27 @@ def export(run_dir, prefix, scores=None, notes=None, label_dir=None):
     with open(os.path.join(run_dir, 'state.json')) as f:
         state = json.load(f)
     os.makedirs(os.path.dirname(prefix) or '.', exist_ok=True)
-    task.exported_network(model).save_weights(prefix + '.weights.h5')
+    net = task.exported_network(model)
+    averaged = None
+    if average and average > 1:
+        chosen = [(k, p) for k, p in snapshots(run_dir) if k <= state['step']]
+        current = None
+        if not chosen or chosen[-1][0] != state['step']:
+            # the last checkpoint (a stopped run's) is the newest member
+            current = prefix + '.tmp.weights.h5'
+            net.save_weights(current)
+            chosen.append((state['step'], current))
+        chosen = chosen[-int(average):]
+        if len(chosen) < 2:
+            raise ValueError('%s has no weight snapshots before its last checkpoint: nothing '
+                             'to average (train with --snapshot-every)' % run_dir)
+        try:
+            average_snapshots(net, [p for _, p in chosen])
+        finally:
+            if current:
+                os.remove(current)
+        averaged = [k for k, _ in chosen]
+    net.save_weights(prefix + '.weights.h5')
     vals = [r for r in read_log(run_dir) if r['val_dice']]
     norm = compare_norm_statistics(task, model) if label_dir and task.choose_norm_statistics \
         else None
@@ -365,6 +443,7 @@ def export(run_dir, prefix, scores=None, notes=None, label_dir=None):
                      'validation_dice_synthetic': _learning_curve(
                          state, vals, prefix + '.json'),
                      'validation_by_norm_statistics': norm,
+                     'averaged_snapshots': averaged,
                      'finished': state.get('saved')},
         'scores': scores or {},
         'notes': notes if notes is not None else _old_notes(prefix + '.json'),
