@@ -421,6 +421,81 @@ def test_upsampling_in_slabs_matches_resampling_the_whole_box():
     assert np.abs(got - expected).max() < 1e-5
 
 
+def test_upsampling_two_grids_averages_them_where_both_reach():
+    """Two samplings of one coarse field of view half a voxel apart (the second network grid of
+    mri_synthseg): the slabs cover both boxes and hold the mean of the two grids' trilinear
+    posteriors where both reach, one grid's alone where only it does."""
+    rng = np.random.default_rng(2)
+    dst = np.eye(4)
+    dst[:3, :3] = geometry.orientation_matrix('LIA')
+    dst[:3, 3] = [40.5, -50.5, 30.5]
+    grids = []
+    for shift in (0.0, 0.5):
+        _, src = geometry.conform_grid((60, 64, 56), dst, voxsize=2.0,
+                                       offset=(shift,) * 3)
+        post = rng.random((30, 32, 28, 4)).astype(np.float32)
+        post /= post.sum(-1, keepdims=True)
+        box = (slice(3, 25), slice(4, 28), slice(2, 22)) if shift else \
+            (slice(2, 24), slice(5, 29), slice(3, 24))
+        grids.append((post[box], box, src))
+    shape = (60, 64, 56)
+    each = []
+    for post, box, src in grids:
+        one = np.zeros(shape + (4,), np.float32)
+        hit = np.zeros(shape, bool)
+        for sl, part in predict.upsample_slabs(post, box, src, shape, dst):
+            one[sl] = part
+            hit[sl] = True
+        each.append((one, hit))
+    assert not np.allclose(grids[0][2], grids[1][2])            # the grids differ
+    both = np.zeros(shape + (4,), np.float32)
+    covered = np.zeros(shape, bool)
+    for sl, part in predict.upsample_slabs(*[list(x) for x in zip(*grids)], shape, dst, slab=5):
+        both[sl] = part
+        covered[sl] = True
+        assert part.shape[2] <= 5
+    assert covered[each[0][1]].all() and covered[each[1][1]].all()
+    np.testing.assert_allclose(both.sum(-1)[covered], 1, atol=1e-5)
+    # well inside both boxes (each grid's weights sum to one there): the plain mean
+    inner = (slice(12, 44), slice(14, 50), slice(12, 40))
+    np.testing.assert_allclose(both[inner], (each[0][0][inner] + each[1][0][inner]) / 2,
+                               atol=1e-5)
+
+
+def test_second_network_grid_is_half_a_voxel_off_and_skipped_when_fast(tiny_model_dir,
+                                                                      tmp_path, monkeypatch):
+    """A 2 mm network samples the scan on two grids half a voxel apart (not with --fast), and
+    the labels stay those of the phantom."""
+    models = tmp_path / 'models'
+    models.mkdir()
+    card = json.loads((tiny_model_dir / 'synthseg.json').read_text())
+    card['input']['voxsize_mm'] = 2.0
+    (models / 'synthseg.json').write_text(json.dumps(card))
+    os.symlink(tiny_model_dir / 'synthseg.weights.h5', models / 'synthseg.weights.h5')
+    monkeypatch.setenv('SYNTHKIT_MODELS', str(models))
+    seg = inference.Segmenter()
+    seen = []
+    real = seg.posteriors
+
+    def spy(net, fast=False):
+        seen.append(net.affine.copy())
+        return real(net, fast)
+
+    seg.posteriors = spy
+    data, affine = _phantom(tmp_path / 'scan.nii.gz', shape=(40, 44, 36))
+    two = seg.segment(data, affine)
+    assert len(seen) == 2
+    np.testing.assert_allclose(seen[1][:3, 3] - seen[0][:3, 3], seen[0][:3, :3] @ [0.5, 0.5, 0.5])
+    seen.clear()
+    seg.segment(data, affine, fast=True)
+    assert len(seen) == 1
+    seg.second_grid = False
+    seen.clear()
+    one = seg.segment(data, affine)
+    assert len(seen) == 1 and two.hard.shape == one.hard.shape
+    assert set(np.unique(two.hard)) <= set(LABELS)
+
+
 def test_summary_over_parts_equals_the_whole():
     rng = np.random.default_rng(1)
     post = rng.random((12, 10, 8, len(LABELS))).astype(np.float32)

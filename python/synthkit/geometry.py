@@ -55,7 +55,7 @@ def orientation_matrix(code):
 
 
 def conform_grid(src_shape, src_affine, voxsize=1.0, orientation='LIA', multiple=16, crop=None,
-                 min_shape=None):
+                 min_shape=None, offset=None):
     """``(shape, affine)`` of the network grid for an input grid ``src_shape`` / ``src_affine``.
 
     The grid's axes are aligned with the world axes in the order and directions of
@@ -65,6 +65,8 @@ def conform_grid(src_shape, src_affine, voxsize=1.0, orientation='LIA', multiple
     is instead ``crop`` rounded up to a multiple of ``multiple``, centred on the field of view.
     Padding and cropping are whole voxels, split as evenly as possible (the extra voxel of an odd
     split goes after), so an input already on a matching grid keeps its voxel centres exactly.
+    ``offset`` (3 floats, in grid voxels) moves the whole grid by that much, e.g. half a voxel
+    for a second sampling of the same field of view.
     """
     src_shape = np.asarray(src_shape[:3])
     src_affine = np.asarray(src_affine, dtype=np.float64)
@@ -90,6 +92,8 @@ def conform_grid(src_shape, src_affine, voxsize=1.0, orientation='LIA', multiple
     affine = np.eye(4)
     affine[:3, :3] = axes
     affine[:3, 3] = axes @ (first + start)
+    if offset is not None:
+        affine[:3, 3] += axes @ np.broadcast_to(np.asarray(offset, float), (3,))
     return tuple(int(n) for n in shape), affine
 
 
@@ -185,10 +189,10 @@ def rescale_intensities(data, percentiles=(0.5, 99.5), path=None):
 
 
 def conform(vol, voxsize=1.0, orientation='LIA', multiple=16, rescale=True,
-            percentiles=(0.5, 99.5), crop=None, min_shape=None):
+            percentiles=(0.5, 99.5), crop=None, min_shape=None, offset=None):
     """Resample a 3-D volume (a :class:`Volume` or ``(data, affine)``) to the network space.
 
-    The grid is :func:`conform_grid`'s; intensities are rescaled with
+    The grid is :func:`conform_grid`'s (``offset`` as there); intensities are rescaled with
     :func:`rescale_intensities` first if ``rescale``, then resampled trilinearly (zero outside
     the input). Returns a float32 :class:`Conformed`; :func:`to_input_grid` maps arrays on its
     grid (e.g. a segmentation) back to the input grid.
@@ -205,7 +209,7 @@ def conform(vol, voxsize=1.0, orientation='LIA', multiple=16, rescale=True,
                           'Volume.frame)' % (data.shape,))
     affine = check_affine(affine, path)
     shape, net_affine = conform_grid(data.shape, affine, voxsize, orientation, multiple, crop,
-                                     min_shape)
+                                     min_shape, offset)
     data = rescale_intensities(data, percentiles, path) if rescale else data.astype(np.float32)
     out = resample(data, affine, shape, net_affine, 'linear')
     return Conformed(out, net_affine, tuple(data.shape), affine)

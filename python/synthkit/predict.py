@@ -166,42 +166,77 @@ def upsample_slabs(post, box, src_affine, dst_shape, dst_affine, slab=16, bg_cha
     at most ``slab`` planes each, so memory stays bounded whatever the output size. Trilinear
     (separable: both grids must have the same axes, as :func:`synthkit.geometry.conform_grid`
     makes them), zero beyond the box, renormalized to sum to one (background where nothing
-    reaches)."""
-    post = np.asarray(post, np.float32)
-    start = np.array([s.start for s in box], float)
-    src_box = src_affine.copy()
-    src_box[:3, 3] = src_affine[:3, :3] @ start + src_affine[:3, 3]
-    vox = np.linalg.inv(src_box) @ dst_affine            # destination voxel -> box voxel
-    lin = vox[:3, :3]
-    if not np.allclose(lin, np.diag(np.diag(lin)), atol=1e-6):
-        raise ValueError('upsample_slabs needs grids with the same axes')
-    scale, offset = np.diag(lin), vox[:3, 3]
-    # the destination voxels whose position lies within one source voxel of the box
-    lo = np.zeros(3, int)
-    hi = np.array(dst_shape[:3], int)
-    for a in range(3):
-        pos = scale[a] * np.arange(dst_shape[a]) + offset[a]
-        inside = np.flatnonzero((pos > -1) & (pos < post.shape[a]))
-        if inside.size == 0:
-            return
-        lo[a], hi[a] = inside[0], inside[-1] + 1
-    weights = [_axis_weights(hi[a] - lo[a], post.shape[a], scale[a], offset[a] + scale[a] * lo[a])
-               for a in range(3)]
-    idx0, idx1, w0, w1 = weights[2]
-    for s in range(0, hi[2] - lo[2], slab):
-        sl = slice(s, min(s + slab, hi[2] - lo[2]))
-        first, last = idx0[sl].min(), idx1[sl].max() + 1     # the coarse planes this slab needs
-        inner = _interp_axis(post[:, :, first:last], 0, *weights[0])
-        inner = _interp_axis(inner, 1, *weights[1])
-        out = (inner[:, :, idx0[sl] - first] * w0[sl, None]
-               + inner[:, :, idx1[sl] - first] * w1[sl, None])
+    reaches).
+
+    ``post``, ``box`` and ``src_affine`` may instead be lists, one entry per coarse grid (e.g.
+    two samplings of one field of view, half a voxel apart): the slabs then cover all their
+    boxes and hold the mean of the grids' posteriors where they overlap."""
+    if not isinstance(post, (list, tuple)):
+        post, box, src_affine = [post], [box], [src_affine]
+    grids = [_CoarseGrid(p, b, a, dst_shape, dst_affine) for p, b, a in zip(post, box, src_affine)]
+    grids = [g for g in grids if g.lo is not None]
+    if not grids:
+        return
+    lo = np.min([g.lo for g in grids], axis=0)
+    hi = np.max([g.hi for g in grids], axis=0)
+    channels = grids[0].post.shape[-1]
+    for z in range(lo[2], hi[2], slab):
+        region = (lo[0], lo[1], z), (hi[0], hi[1], min(z + slab, hi[2]))
+        out = np.zeros(tuple(np.subtract(region[1], region[0])) + (channels,), np.float32)
+        for g in grids:
+            g.add(out, *region)
         total = out.sum(-1, keepdims=True)
         outside = total[..., 0] <= 0
         out[outside, bg_channel] = 1
         total[outside] = 1
         out /= total
-        yield (slice(lo[0], hi[0]), slice(lo[1], hi[1]),
-               slice(lo[2] + sl.start, lo[2] + sl.stop)), out
+        yield tuple(slice(a, b) for a, b in zip(*region)), out
+
+
+class _CoarseGrid:
+    """The trilinear weights taking one coarse grid's posteriors in ``box`` to a finer grid, and
+    the finer grid's voxels they reach (``lo``..``hi``; ``None`` when none)."""
+
+    def __init__(self, post, box, src_affine, dst_shape, dst_affine):
+        self.post = np.asarray(post, np.float32)
+        start = np.array([s.start for s in box], float)
+        src_box = np.array(src_affine, float).copy()
+        src_box[:3, 3] = src_box[:3, :3] @ start + src_box[:3, 3]
+        vox = np.linalg.inv(src_box) @ dst_affine            # destination voxel -> box voxel
+        lin = vox[:3, :3]
+        if not np.allclose(lin, np.diag(np.diag(lin)), atol=1e-6):
+            raise ValueError('upsample_slabs needs grids with the same axes')
+        scale, offset = np.diag(lin), vox[:3, 3]
+        # the destination voxels whose position lies within one source voxel of the box
+        lo = np.zeros(3, int)
+        hi = np.array(dst_shape[:3], int)
+        self.lo = self.hi = None
+        for a in range(3):
+            pos = scale[a] * np.arange(dst_shape[a]) + offset[a]
+            inside = np.flatnonzero((pos > -1) & (pos < self.post.shape[a]))
+            if inside.size == 0:
+                return
+            lo[a], hi[a] = inside[0], inside[-1] + 1
+        self.lo, self.hi = lo, hi
+        self.weights = [_axis_weights(hi[a] - lo[a], self.post.shape[a], scale[a],
+                                      offset[a] + scale[a] * lo[a]) for a in range(3)]
+
+    def add(self, out, region_lo, region_hi):
+        """Add this grid's posteriors on the destination region ``[region_lo, region_hi)`` (3
+        ints each; ``out`` its array) where the grid reaches."""
+        a = np.maximum(self.lo, region_lo)
+        b = np.minimum(self.hi, region_hi)
+        if np.any(b <= a):
+            return
+        own = [slice(a[k] - self.lo[k], b[k] - self.lo[k]) for k in range(3)]
+        w = [tuple(x[own[k]] for x in self.weights[k]) for k in range(3)]
+        idx0, idx1, w0, w1 = w[2]
+        first, last = idx0.min(), idx1.max() + 1             # the coarse planes needed
+        inner = _interp_axis(self.post[:, :, first:last], 0, *w[0])
+        inner = _interp_axis(inner, 1, *w[1])
+        part = inner[:, :, idx0 - first] * w0[:, None] + inner[:, :, idx1 - first] * w1[:, None]
+        dst = tuple(slice(a[k] - region_lo[k], b[k] - region_lo[k]) for k in range(3))
+        out[dst] += part
 
 
 def largest_component(mask):

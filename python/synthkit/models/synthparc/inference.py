@@ -66,18 +66,24 @@ def label_cortex(hard, hard_affine, parcels, parcels_affine):
     """Give every cortex voxel (3 / 42) of the label map ``hard`` (in place) the most likely
     parcel of its hemisphere, from the parcel posteriors ``parcels`` (x, y, z, 69) of a coarser
     grid (``parcels_affine``), interpolated (trilinear) at the cortex voxels only: the 1 mm
-    parcel posteriors are never built."""
-    to_parcels = np.linalg.inv(parcels_affine) @ hard_affine
+    parcel posteriors are never built. ``parcels`` and ``parcels_affine`` may be lists (several
+    coarse grids): their interpolated posteriors are averaged."""
+    if not isinstance(parcels, (list, tuple)):
+        parcels, parcels_affine = [parcels], [parcels_affine]
+    to_parcels = [np.linalg.inv(a) @ hard_affine for a in parcels_affine]
     for side, cortex in enumerate((3, 42)):
         idx = np.nonzero(hard == cortex)
         if not idx[0].size:
             continue
-        pts = to_parcels[:3, :3] @ np.stack(idx).astype(np.float64) + to_parcels[:3, 3:4]
-        labels, q = _hemisphere(parcels, side)
+        points = np.stack(idx).astype(np.float64)
+        pts = [t[:3, :3] @ points + t[:3, 3:4] for t in to_parcels]
+        sides = [_hemisphere(p, side) for p in parcels]
+        labels = sides[0][0]
         best = np.full(idx[0].size, -1.0, np.float32)
         winner = np.zeros(idx[0].size, np.int32)
         for c, label in enumerate(labels):
-            v = ndimage.map_coordinates(q[..., c], pts, order=1, mode='nearest')
+            v = sum(ndimage.map_coordinates(q[..., c], p, order=1, mode='nearest')
+                    for (_, q), p in zip(sides, pts)) / len(sides)
             better = v > best
             best[better] = v[better]
             winner[better] = label
