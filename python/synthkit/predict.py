@@ -198,7 +198,7 @@ class _CoarseGrid:
     the finer grid's voxels they reach (``lo``..``hi``; ``None`` when none)."""
 
     def __init__(self, post, box, src_affine, dst_shape, dst_affine):
-        self.post = np.asarray(post, np.float32)
+        self.post = np.asarray(post)        # float32, or float16 (converted plane by plane)
         start = np.array([s.start for s in box], float)
         src_box = np.array(src_affine, float).copy()
         src_box[:3, 3] = src_box[:3, :3] @ start + src_box[:3, 3]
@@ -232,7 +232,7 @@ class _CoarseGrid:
         w = [tuple(x[own[k]] for x in self.weights[k]) for k in range(3)]
         idx0, idx1, w0, w1 = w[2]
         first, last = idx0.min(), idx1.max() + 1             # the coarse planes needed
-        inner = _interp_axis(self.post[:, :, first:last], 0, *w[0])
+        inner = _interp_axis(self.post[:, :, first:last].astype(np.float32), 0, *w[0])
         inner = _interp_axis(inner, 1, *w[1])
         part = inner[:, :, idx0 - first] * w0[:, None] + inner[:, :, idx1 - first] * w1[:, None]
         dst = tuple(slice(a[k] - region_lo[k], b[k] - region_lo[k]) for k in range(3))
