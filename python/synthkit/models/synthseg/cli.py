@@ -37,7 +37,8 @@ def build_parser():
                    help='cortical parcellation: cortex voxels become Desikan-Killiany parcels')
     p.add_argument('--robust', action='store_true', help='robust model (not available yet)')
     p.add_argument('--fast', action='store_true',
-                   help='skip left/right flip averaging and post-processing (about 2x faster)')
+                   help='skip left/right flip averaging, the second network grid and '
+                        'post-processing (about 1.5x faster)')
     p.add_argument('--vol', metavar='CSV', help='write soft volumes (mm^3) of every structure')
     p.add_argument('--qc', metavar='CSV', help='write quality scores per structure group')
     p.add_argument('--post', metavar='OUT', help='write posteriors (33 frames)')
