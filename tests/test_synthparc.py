@@ -210,21 +210,23 @@ def test_flip_averaging_swaps_hemispheres(tmp_path):
     np.testing.assert_allclose(np.flip(m, 0)[..., swap], p, atol=1e-5)
 
 
-def _models(folder):
-    """Tiny synthseg (1 mm) and parcellation networks with their cards in ``folder``."""
+def _models(folder, voxsize=1.0):
+    """Tiny synthseg and parcellation networks (``voxsize`` mm) with their cards in
+    ``folder``."""
     cfg = nets.UNetConfig(features=4, levels=2, convs_per_level=1)
     seeded(nets.unet(cfg), 3).save_weights(str(folder / 'synthseg.weights.h5'))
     card = {'task': 'synthseg', 'architecture': {'type': 'unet', **cfg.to_dict()},
-            'output_labels': list(SEG_LABELS), 'input': {'voxsize_mm': 1.0},
+            'output_labels': list(SEG_LABELS), 'input': {'voxsize_mm': voxsize},
             'training': {'steps': 0}}
     (folder / 'synthseg.json').write_text(json.dumps(card))
-    _parc_model(folder)
+    _parc_model(folder, voxsize)
     return folder
 
 
-def test_synthseg_parc_end_to_end(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize('voxsize', [1.0, 2.0])     # 2 mm: two network grids, averaged
+def test_synthseg_parc_end_to_end(tmp_path, monkeypatch, capsys, voxsize):
     os.makedirs(tmp_path / 'models')
-    monkeypatch.setenv('SYNTHKIT_MODELS', str(_models(tmp_path / 'models')))
+    monkeypatch.setenv('SYNTHKIT_MODELS', str(_models(tmp_path / 'models', voxsize)))
     _, t1 = _phantom()
     nib.save(nib.Nifti1Image(t1, np.diag([-1.0, 1, 1, 1])), str(tmp_path / 'scan.nii.gz'))
     out, vol, post = (str(tmp_path / n) for n in ('seg.mgz', 'vol.csv', 'post.nii.gz'))

@@ -77,7 +77,8 @@ def label_cortex(hard, hard_affine, parcels, parcels_affine):
             continue
         points = np.stack(idx).astype(np.float64)
         pts = [t[:3, :3] @ points + t[:3, 3:4] for t in to_parcels]
-        sides = [_hemisphere(p, side) for p in parcels]
+        sides = [(k, np.asarray(q, np.float32)) for k, q in      # float16 kept: ndimage needs 32
+                 (_hemisphere(p, side) for p in parcels)]
         labels = sides[0][0]
         best = np.full(idx[0].size, -1.0, np.float32)
         winner = np.zeros(idx[0].size, np.int32)
