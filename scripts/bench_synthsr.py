@@ -117,6 +117,8 @@ def main():
     p.add_argument('--skip-timing', action='store_true')
     p.add_argument('--subjects', type=int, default=len(OASIS), help='OASIS subjects to use')
     args = p.parse_args()
+    if not 1 <= args.subjects <= len(OASIS):
+        p.error('--subjects must be 1 to %d, got %d' % (len(OASIS), args.subjects))
 
     seg = Segmenter(args.seg_model)
     sr = Synthesizer(args.model)
