@@ -40,7 +40,9 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, values):
-        return cls(**values)
+        """From a dict of fields, e.g. a model card's ``architecture`` (its ``type`` key, which
+        names the network kind, is not a field)."""
+        return cls(**{k: v for k, v in values.items() if k != 'type'})
 
     @property
     def divisor(self):
@@ -124,7 +126,7 @@ def load_unet(weights, card):
 
     When the card's ``input.norm_statistics`` is ``'image'`` the model normalizes with each
     input's own statistics (see :class:`ImageStatistics`)."""
-    cfg = UNetConfig.from_dict({k: v for k, v in card['architecture'].items() if k != 'type'})
+    cfg = UNetConfig.from_dict(card['architecture'])
     model = unet(cfg)
     load_weights(model, weights)
     if card.get('input', {}).get('norm_statistics') == 'image':

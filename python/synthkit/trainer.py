@@ -196,7 +196,6 @@ class Trainer:
                       'saved': datetime.datetime.now().isoformat(timespec='seconds')},
                      self.state_path)
 
-
     def snapshot(self, model, step):
         """Keep the exported network's weights at ``step`` if ``snapshot_every`` steps have
         passed since the last snapshot (or at the end of the run); drop the oldest beyond

@@ -154,8 +154,7 @@ def frozen_segmenter(prefix, name='frozen_synthseg'):
     import json
     with open(prefix + '.json') as f:
         card = json.load(f)
-    cfg = nets.UNetConfig.from_dict({k: v for k, v in card['architecture'].items()
-                                     if k != 'type'})
+    cfg = nets.UNetConfig.from_dict(card['architecture'])
     model = nets.unet(cfg, name=name)
     nets.load_weights(model, prefix + '.weights.h5')
     if card.get('input', {}).get('norm_statistics') == 'image':
@@ -216,12 +215,11 @@ def hybrid_network(cfg, segmenter, name='synthsr_unet'):
 def load_hybrid(weights, architecture):
     """The exported hybrid network of a model card's ``architecture`` (type
     ``synthsr_hybrid``) with ``weights``: (model, input divisor)."""
-    strip = lambda d: {k: v for k, v in d.items() if k != 'type'}   # noqa: E731
-    seg_cfg = nets.UNetConfig.from_dict(strip(architecture['segmenter']))
+    seg_cfg = nets.UNetConfig.from_dict(architecture['segmenter'])
     seg = nets.unet(seg_cfg, name='frozen_synthseg')
     if architecture.get('segmenter_norm_statistics') == 'image':
         _image_statistics(seg)       # before loading: the weights file names the classes
-    model = hybrid_network(nets.UNetConfig.from_dict(strip(architecture['unet'])), seg)
+    model = hybrid_network(nets.UNetConfig.from_dict(architecture['unet']), seg)
     nets.load_weights(model, weights)
     return model, 2 * seg_cfg.divisor
 
@@ -254,19 +252,19 @@ def replace_segmenter(path, seg_prefix, out=None):
         return seg_card
     if not path.endswith('.weights.h5'):
         raise ValueError('expected a .weights.h5 export or a .keras checkpoint, got %s' % path)
+    if not out.endswith('.weights.h5'):
+        raise ValueError('the output of an export must end in .weights.h5, got %s' % out)
     with open(path[:-len('.weights.h5')] + '.json') as f:
         card = json.load(f)
     if card.get('architecture', {}).get('type') != 'synthsr_hybrid':
         raise ValueError('%s is not a hybrid SynthSR network (card architecture %r)'
                          % (path, card.get('architecture', {}).get('type')))
-    strip = lambda d: {k: v for k, v in d.items() if k != 'type'}   # noqa: E731
-    if strip(card['architecture']['segmenter']) != strip(seg_card['architecture']):
+    if (nets.UNetConfig.from_dict(card['architecture']['segmenter'])
+            != nets.UNetConfig.from_dict(seg_card['architecture'])):
         raise ValueError('the SynthSeg network of %s differs in architecture from the one '
                          'inside %s' % (seg_prefix, path))
     model, _ = load_hybrid(path, card['architecture'])
     model.get_layer('frozen_synthseg').set_weights(seg.get_weights())
-    if not out.endswith('.weights.h5'):
-        raise ValueError('the output of an export must end in .weights.h5, got %s' % out)
     tmp = out[:-len('.weights.h5')] + '.tmp.weights.h5'
     model.save_weights(tmp)
     card.setdefault('training', {})['segmenter'] = {
