@@ -4,6 +4,8 @@ tests need no shipped weights and no data."""
 import csv
 import json
 import os
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -528,3 +530,21 @@ def test_float16_conversion_drops_only_what_float16_cannot_hold_normally():
     np.testing.assert_array_equal(got[:4], x[:4].astype(np.float16))    # normal float16 values
     assert not got[4:].any()               # below 2**-14 (6.1e-5): subnormal in float16, zeroed
     assert np.abs(got.astype(np.float32) - x).max() < 2 ** -14 + 1e-3 * 0.5
+
+
+@pytest.mark.parametrize('preset, expected', [(None, '1'), ('0', '0')])
+def test_segmenting_tools_choose_the_system_allocator_before_tensorflow(preset, expected):
+    # oneDNN reads TF_ONEDNN_USE_SYSTEM_ALLOCATOR once, when TensorFlow loads: importing the
+    # tools must set it (a user's own value kept) while TensorFlow is still unloaded.
+    code = ('import os, sys\n'
+            'import synthkit.models.synthseg.cli, synthkit.models.synthstrip.cli\n'
+            'print("tensorflow" in sys.modules, os.environ.get("TF_ONEDNN_USE_SYSTEM_ALLOCATOR"))\n')
+    env = {k: v for k, v in os.environ.items() if k != 'TF_ONEDNN_USE_SYSTEM_ALLOCATOR'}
+    if preset is not None:
+        env['TF_ONEDNN_USE_SYSTEM_ALLOCATOR'] = preset
+    env['PYTHONPATH'] = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+        __file__))), 'python')
+    done = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ['False', expected]

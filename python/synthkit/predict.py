@@ -87,18 +87,27 @@ def _predict_one(model, x, flip=None, empty=0):
         return pred
     patch = np.ascontiguousarray(x, np.float32)
     patch = patch[None] if x.ndim == 4 else patch[None, ..., None]
-    pred = np.array(model.predict_on_batch(patch), np.float32)[0]      # writable
+    pred = _writable(model.predict_on_batch(patch)[0])
     if flip is not None:
         axis, perm = flip[:2]
         mirrored = np.flip(patch, axis + 1)
         if len(flip) > 2 and flip[2] is not None:
             mirrored = mirrored[..., flip[2]]
-        mirrored = np.asarray(model.predict_on_batch(np.ascontiguousarray(mirrored)),
-                              np.float32)[0]
-        mirrored = np.flip(mirrored, axis)[..., perm]
-        pred += mirrored
+        mirrored = np.ascontiguousarray(mirrored)
+        del patch
+        mirrored = np.flip(np.asarray(model.predict_on_batch(mirrored)[0], np.float32), axis)
+        # channels permuted slab by slab: no whole permuted copy next to the two predictions
+        for i in range(0, pred.shape[0], 8):
+            pred[i:i + 8] += mirrored[i:i + 8][..., perm]
+        del mirrored
         pred *= 0.5
     return pred
+
+
+def _writable(a):
+    """``a`` as a float32 array that can be written in place, copied only if it must be."""
+    a = np.asarray(a, np.float32)
+    return a if a.flags.writeable else a.copy()
 
 
 def brain_box(post, bg_channel=0, threshold=0.5, margin=4):

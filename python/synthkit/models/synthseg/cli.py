@@ -15,6 +15,8 @@ from ... import geometry, io
 from ... import labels as lab
 from ...cli import common
 
+common.use_system_allocator()       # before TensorFlow's import: bounded memory
+
 PROG = 'mri_synthseg'
 
 DESCRIPTION = """\

@@ -15,6 +15,8 @@ import numpy as np
 from ... import io
 from ...cli import common
 
+common.use_system_allocator()       # before TensorFlow's import: bounded memory
+
 PROG = 'mri_synthstrip'
 
 
