@@ -548,3 +548,12 @@ def test_segmenting_tools_choose_the_system_allocator_before_tensorflow(preset, 
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ['False', expected]
+
+
+def test_weighted_argmax_moves_only_close_calls_to_the_weighted_label():
+    labels = (0, 2, 3)
+    post = np.array([[0.2, 0.5, 0.3],       # cortex x1.75 = 0.525 > 0.5: becomes cortex
+                     [0.1, 0.6, 0.3],       # 0.525 < 0.6: stays white matter
+                     [0.7, 0.0, 0.3]], np.float32)[None, None]
+    assert inference.hard_segmentation(post, labels).ravel().tolist() == [2, 2, 0]
+    assert inference.hard_segmentation(post, labels, {3: 1.75}).ravel().tolist() == [3, 2, 0]

@@ -177,8 +177,10 @@ class Segmenter:
                                               grid.affine, bg_channel=bg_channel)
             parts = ((sl, part, None) for sl, part in slabs(1, bg)) if not split else \
                 ((sl, part, q) for (sl, part), (_, q) in zip(slabs(1, bg), slabs(3, 0)))
+        # with --parc, the cortex is widened towards aparc+aseg's surface-based ribbon
+        weights = None if parc is None else {3: parc.cortex_weight, 42: parc.cortex_weight}
         for sl, part, q in parts:
-            hard[sl] = hard_segmentation(part, self.labels)
+            hard[sl] = hard_segmentation(part, self.labels, weights)
             summary.add(part)
             if sink is not None:
                 sink.write(sl, part if q is None else parcellation.split_cortex(part, self.labels,
@@ -249,8 +251,12 @@ def postprocess(post, out_labels, smooth_sigma=0.5, threshold=0.25):
     return post / total
 
 
-def hard_segmentation(post, out_labels):
-    """Argmax of posteriors as aseg label values (int32)."""
+def hard_segmentation(post, out_labels, weights=None):
+    """Argmax of posteriors as aseg label values (int32); ``weights`` ({label: factor})
+    multiplies some labels' posteriors first."""
+    if weights:
+        factor = np.array([weights.get(k, 1.0) for k in out_labels], np.float32)
+        return np.asarray(out_labels, np.int32)[np.argmax(post * factor, axis=-1)]
     return np.asarray(out_labels, np.int32)[np.argmax(post, axis=-1)]
 
 
