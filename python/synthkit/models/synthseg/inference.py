@@ -146,7 +146,8 @@ class Segmenter:
                 post = postprocess(post, self.labels, smooth_sigma=0.5 / self.voxsize)
             parcels = None
             if parc is not None:
-                on_net = hard_segmentation(post, self.labels)
+                ribbon = {3: parc.cortex_weight, 42: parc.cortex_weight}   # as trained on
+                on_net = hard_segmentation(post, self.labels, ribbon)
                 parcels = parc.posteriors(net.data[box], on_net == 3, on_net == 42,
                                           flip=not fast)
             if len(nets_) > 1:      # kept while the next grid runs: half the memory
@@ -178,9 +179,9 @@ class Segmenter:
             parts = ((sl, part, None) for sl, part in slabs(1, bg)) if not split else \
                 ((sl, part, q) for (sl, part), (_, q) in zip(slabs(1, bg), slabs(3, 0)))
         # with --parc, the cortex is widened towards aparc+aseg's surface-based ribbon
-        weights = None if parc is None else {3: parc.cortex_weight, 42: parc.cortex_weight}
+        ribbon = None if parc is None else {3: parc.cortex_weight, 42: parc.cortex_weight}
         for sl, part, q in parts:
-            hard[sl] = hard_segmentation(part, self.labels, weights)
+            hard[sl] = hard_segmentation(part, self.labels, ribbon)
             summary.add(part)
             if sink is not None:
                 sink.write(sl, part if q is None else parcellation.split_cortex(part, self.labels,
