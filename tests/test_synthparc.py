@@ -270,3 +270,19 @@ def test_parc_refused_without_its_model(tmp_path, monkeypatch, capsys):
         synthseg.main(['--i', str(tmp_path / 'scan.nii.gz'), '--o', str(tmp_path / 's.mgz'),
                        '--parc_model', str(folder / 'synthparc.weights.h5')])
     assert e.value.code == 1 and '--parc_model needs --parc' in capsys.readouterr().err
+
+
+def test_trilinear_gather_matches_map_coordinates_channel_by_channel():
+    from scipy import ndimage
+    from synthkit.models.synthparc.inference import _trilinear
+    rng = np.random.default_rng(3)
+    q = rng.random((5, 6, 4, 3)).astype(np.float32)
+    # inside, on the edges and beyond them (clamped, as mode='nearest')
+    points = rng.uniform(-1.5, 7, size=(3, 200))
+    points[:, :3] = [[0, 4, 4], [0, 5, 5], [0, 3, 3]]
+    got = _trilinear(q, points)
+    want = np.stack([ndimage.map_coordinates(q[..., c], points, order=1, mode='nearest')
+                     for c in range(q.shape[-1])], -1)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    flat = np.ones((1, 3, 2, 2), np.float16)        # a one-voxel-thick axis
+    np.testing.assert_allclose(_trilinear(flat, np.array([[0.4], [1.2], [0.5]])), 1.0)
