@@ -13,7 +13,7 @@ The test that matters to users: segment the SynthSR output with our SynthSeg and
 - Image similarity of the SynthSR output to the real 1 mm T1 (correlation and SSIM inside the
   aseg's brain, both scaled by their white-matter median), on the reference's grid.
 - Wall time and peak memory of the `mri_synthsr` command on a 256^3 scan (an OASIS T1 padded to
-  256^3), as its own process with --threads 2.
+  256^3, and a whole-head FreeSurfer T1.mgz), as its own process with --threads 2.
 
 Writes a markdown report (--out), a PNG montage (input / SynthSR / real T1; --png) and, with
 --card, merges the scores into the SynthSR model card.
@@ -174,7 +174,7 @@ def main():
     print('ixi002 T2: direct %.3f, synthsr %.3f vs seg(T1); corr %.3f ssim %.3f'
           % (ixi_direct, ixi_sr, *ixi_sim), flush=True)
 
-    timing = None
+    timing = timing_head = None
     if not args.skip_timing:
         t1 = io.load_volume(os.path.join(args.data, OASIS[0], 't1.nii.gz'))
         big = np.zeros((256, 256, 256), np.float32)
@@ -186,6 +186,11 @@ def main():
         io.save_volume(big, aff, path)
         timing = bench_cli(path, 2, args.model)
         print('256^3: %.1f s, peak %.2f GB' % timing, flush=True)
+        # a whole head, where the network sees the whole 1 mm field of view (192 x 256 x 256)
+        head = os.path.join(args.data, '..', 'fs_subjects', 'sub-07', 'T1.mgz')
+        if os.path.isfile(head):
+            timing_head = bench_cli(head, 2, args.model)
+            print('256^3 whole head: %.1f s, peak %.2f GB' % timing_head, flush=True)
 
     def avg(key):
         return round(float(np.mean([r[key] for r in rows])), 4)
@@ -205,6 +210,9 @@ def main():
     if timing:
         scores['seconds_256cubed_2threads'] = round(timing[0], 1)
         scores['peak_gb_256cubed'] = round(timing[1], 2)
+    if timing_head:
+        scores['seconds_256cubed_whole_head'] = round(timing_head[0], 1)
+        scores['peak_gb_256cubed_whole_head'] = round(timing_head[1], 2)
 
     d1 = scores['oasis_seg_dice_direct_1mm']
     lines = ['# mri_synthsr benchmark', '',
@@ -231,6 +239,9 @@ def main():
     if timing:
         lines += ['', 'Whole `mri_synthsr` command on a 256^3 scan, `--threads 2`: %.1f s, '
                   'peak %.2f GB (target <= 30 s).' % timing]
+    if timing_head:
+        lines += ['', 'The same on a whole head (fs_subjects sub-07 `T1.mgz`, 256^3, the network '
+                  'on its 1 mm field of view): %.1f s, peak %.2f GB.' % timing_head]
     lines += ['', '![input / SynthSR / real T1](%s)' % os.path.basename(args.png), '',
               'Rows: OASIS 0455 as 1x1x5 mm and 5x1x1 mm, ixi002 T2; columns: input, SynthSR '
               'output, real 1 mm T1 (three orthogonal slices each, on the SynthSR output grid).']
