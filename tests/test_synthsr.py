@@ -434,3 +434,30 @@ def test_set_segmenter_swaps_synthseg_in_an_export_and_a_checkpoint(tmp_path, ba
         srtask.replace_segmenter(export, other)
     with pytest.raises(ValueError, match='differs in architecture'):
         srtask.replace_segmenter(ckpt, other)
+
+
+def test_tile_inputs_make_any_box_of_the_whole_input():
+    from synthkit import predict
+    from synthkit.models.synthsr.inference import TileInputs
+    rng = np.random.default_rng(5)
+    image = rng.random((12, 10, 8)).astype(np.float32)
+    post = rng.random((6, 5, 4, 3)).astype(np.float16)
+    whole = np.empty((12, 10, 8, 4), np.float16)        # the 2 mm posteriors repeated at 1 mm
+    whole[..., 0] = predict.to_float16(image)
+    for o in np.ndindex(2, 2, 2):
+        whole[o[0]::2, o[1]::2, o[2]::2, 1:] = post
+    inputs = TileInputs(image, post)
+    assert inputs.shape == whole.shape and inputs.ndim == 4
+    for box in [(slice(0, 12), slice(0, 10), slice(0, 8)), (slice(3, 9), slice(1, 10), slice(5, 8))]:
+        np.testing.assert_array_equal(inputs[box], whole[box])
+    # tiled prediction over it equals prediction over the whole array (a pointwise "network")
+    import keras
+    net = keras.Sequential([keras.Input((None, None, None, 4)),
+                            keras.layers.Conv3D(2, 1, kernel_initializer='ones')])
+    big_image = rng.random((32, 16, 16)).astype(np.float32)
+    big_post = rng.random((16, 8, 8, 3)).astype(np.float16)
+    lazy = predict.predict_tiled(net, TileInputs(big_image, big_post), tile=16, overlap=4,
+                                 divisor=4)
+    full = predict.predict_tiled(net, TileInputs(big_image, big_post)[
+        (slice(0, 32), slice(0, 16), slice(0, 16))], tile=16, overlap=4, divisor=4)
+    np.testing.assert_allclose(lazy, full, rtol=1e-6)

@@ -34,7 +34,9 @@ def predict_tiled(model, x, tile=144, overlap=16, divisor=8, flip=None, dtype=np
     channels (e.g. posteriors given as inputs). Tiles whose input (its first channel) is
     all zero (outside the field of view or masked) are not run: they get ``empty``, a channel
     index given probability one (e.g. background), or a sequence of per-channel values. Sizes
-    must be multiples of ``divisor``.
+    must be multiples of ``divisor``. ``x`` may also be an object with ``shape`` whose
+    ``x[box]`` (3 slices) makes that tile's array when asked (e.g. inputs too large to hold
+    whole: :class:`synthkit.models.synthsr.inference.TileInputs`).
     """
     shape = tuple(x.shape[:3])
     if any(n % divisor for n in shape) or tile % divisor:
@@ -43,7 +45,8 @@ def predict_tiled(model, x, tile=144, overlap=16, divisor=8, flip=None, dtype=np
     cast = to_float16 if np.dtype(dtype) == np.float16 else \
         (lambda a: np.asarray(a).astype(dtype, copy=False))
     if all(len(g) == 1 for g in grids):       # one tile: no weights, no accumulation
-        return cast(_predict_one(model, x, flip, empty))
+        whole = x if isinstance(x, np.ndarray) else x[tuple(slice(0, n) for n in shape)]
+        return cast(_predict_one(model, whole, flip, empty))
     out = np.zeros(shape + (model.output_shape[-1],), dtype)
     weight = np.zeros(shape, np.float32)
     margin = overlap // 2

@@ -64,7 +64,7 @@ class Synthesizer:
         out = np.zeros(grid.data.shape, np.float32)
         inputs, mirror = x, (0, [0])
         if self.segmenter is not None:
-            inputs = self.with_posteriors(x)
+            inputs = self.inputs(x)
             mirror = (0, [0], [0] + [1 + i for i in lr_swap_table(SEGMENTATION_LABELS)])
         pred = predict.predict_tiled(self.model, inputs, tile=160, overlap=32,
                                      divisor=self.divisor,
@@ -84,6 +84,11 @@ class Synthesizer:
         """(X, Y, Z, 34) float16: the image ``x`` (sizes multiples of 2) and the segmenter's
         posteriors of it, computed at 2 mm (2x2x2 averages, min-max normalized, as in training)
         and repeated back to 1 mm (nearest neighbour, as the network was trained)."""
+        inputs = self.inputs(x)
+        return inputs[tuple(slice(0, n) for n in x.shape)]
+
+    def inputs(self, x):
+        """:meth:`with_posteriors` as a :class:`TileInputs`: built tile by tile on demand."""
         n = [s // 2 for s in x.shape]
         low = x.reshape(n[0], 2, n[1], 2, n[2], 2).mean((1, 3, 5))
         low = (low - low.min()) / (low.max() - low.min() + 1e-6)
@@ -91,10 +96,24 @@ class Synthesizer:
         pad = [(0, -k % divisor) for k in n]
         post = np.asarray(self.segmenter.predict_on_batch(np.pad(low, pad)[None, ..., None]),
                           np.float32)[0][:n[0], :n[1], :n[2]]
-        out = np.empty(tuple(x.shape) + (1 + post.shape[-1],), np.float16)
-        out[..., 0] = predict.to_float16(x)
-        post = predict.to_float16(post)      # once, not at each of the 8 copies (24 s at 256^3)
-        for axis_offsets in np.ndindex(2, 2, 2):
-            sl = tuple(slice(o, None, 2) for o in axis_offsets)
-            out[sl + (slice(1, None),)] = post
+        return TileInputs(x, predict.to_float16(post))
+
+
+class TileInputs:
+    """The U-Net's input (X, Y, Z, 1 + C) float16 of a 1 mm image and its segmenter's 2 mm
+    posteriors, made box by box when :func:`synthkit.predict.predict_tiled` asks for a tile
+    (``inputs[box]``), never whole: at 256^3 the whole would be 1.1 GB."""
+
+    ndim = 4
+
+    def __init__(self, image, post):
+        self.image, self.post = image, post
+        self.shape = tuple(image.shape) + (1 + post.shape[-1],)
+
+    def __getitem__(self, box):
+        box = tuple(box) + (slice(None),) * (3 - len(tuple(box)))
+        ranges = [np.arange(n)[b] for n, b in zip(self.image.shape, box)]
+        out = np.empty(tuple(len(r) for r in ranges) + (self.shape[-1],), np.float16)
+        out[..., 0] = predict.to_float16(self.image[box])
+        out[..., 1:] = self.post[np.ix_(*[r // 2 for r in ranges])]   # nearest: 2 mm -> 1 mm
         return out
