@@ -139,6 +139,9 @@ class Segmenter:
         if parc is not None and parc.voxsize != self.voxsize:
             raise ValueError('the parcellation model works at %g mm, the segmentation '
                              'model at %g mm' % (parc.voxsize, self.voxsize))
+        # with --parc, the cortex is widened towards aparc+aseg's surface-based ribbon (in the
+        # 1 mm labels, and in the masks given to the parcellation network, as it was trained)
+        ribbon = None if parc is None else {3: parc.cortex_weight, 42: parc.cortex_weight}
         runs = []            # (network grid, posteriors, box, parcel posteriors) of each grid
         for net in nets_:
             post, box = self.posteriors(net, fast)
@@ -146,7 +149,6 @@ class Segmenter:
                 post = postprocess(post, self.labels, smooth_sigma=0.5 / self.voxsize)
             parcels = None
             if parc is not None:
-                ribbon = {3: parc.cortex_weight, 42: parc.cortex_weight}   # as trained on
                 on_net = hard_segmentation(post, self.labels, ribbon)
                 parcels = parc.posteriors(net.data[box], on_net == 3, on_net == 42,
                                           flip=not fast)
@@ -178,8 +180,6 @@ class Segmenter:
                                               grid.affine, bg_channel=bg_channel)
             parts = ((sl, part, None) for sl, part in slabs(1, bg)) if not split else \
                 ((sl, part, q) for (sl, part), (_, q) in zip(slabs(1, bg), slabs(3, 0)))
-        # with --parc, the cortex is widened towards aparc+aseg's surface-based ribbon
-        ribbon = None if parc is None else {3: parc.cortex_weight, 42: parc.cortex_weight}
         for sl, part, q in parts:
             hard[sl] = hard_segmentation(part, self.labels, ribbon)
             summary.add(part)
