@@ -305,3 +305,50 @@ def test_instance_norm_unet_trains_exports_and_each_image_stands_alone(tiny_cfg,
     model, _ = nets.load_unet(str(tmp_path / 'seg.weights.h5'), card)
     x = rng.random((1, 16, 16, 16, 1)).astype(np.float32)
     assert np.isfinite(np.asarray(model.predict_on_batch(x))).all()
+
+
+def test_widen_keeps_the_function_and_then_trains_the_new_channels(tiny_cfg, tmp_path):
+    """nets.widen: the wider U-Net computes what the narrow one did (batch norm with moving
+    averages and with the image's own statistics alike); a run started with --init from the
+    narrow card and a larger unet.features starts from that function and then uses the added
+    channels."""
+    narrow_cfg = nets.UNetConfig(features=4, levels=3, convs_per_level=2, out_channels=5)
+    wide_cfg = dataclasses.replace(narrow_cfg, features=6)
+    narrow, wide = nets.unet(narrow_cfg), nets.unet(wide_cfg)
+    rng = np.random.default_rng(0)
+    for layer in narrow.layers:       # moving statistics and scales away from their defaults
+        if layer.get_weights() and not layer.name.endswith(tuple('conv%d' % i for i in range(2))):
+            layer.set_weights([w + rng.uniform(0.2, 0.5, w.shape).astype(np.float32)
+                               for w in layer.get_weights()])
+    nets.widen(narrow, wide, narrow_cfg, wide_cfg)
+    x = rng.normal(size=(1, 16, 16, 8, 1)).astype(np.float32)
+    np.testing.assert_allclose(wide.predict_on_batch(x), narrow.predict_on_batch(x), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(wide(x, training=True)),
+                               np.asarray(narrow(x, training=True)), atol=1e-5)
+    assert wide.count_params() > 2 * narrow.count_params()
+    with pytest.raises(ValueError, match='levels differs'):
+        nets.widen(narrow, nets.unet(dataclasses.replace(wide_cfg, levels=2)), narrow_cfg,
+                   dataclasses.replace(wide_cfg, levels=2))
+
+    # through the trainer: --init a 4-feature card into a 6-feature run
+    cfg = TrainConfig(**{**tiny_cfg.__dict__, 'steps': 3})
+    trainer.Trainer(cfg, str(tmp_path / 'run'), progress=False).run()
+    trainer.export(str(tmp_path / 'run'), str(tmp_path / 'narrow'))
+    wide_run = TrainConfig(**{**cfg.__dict__, 'steps': 5,
+                              'unet': {**cfg.unet, 'features': 6}})
+    t = trainer.Trainer(wide_run, str(tmp_path / 'wide'), progress=False,
+                        init=str(tmp_path / 'narrow'))
+    model = t.task.build_model()
+    t.task.load_init(model, str(tmp_path / 'narrow.weights.h5'),
+                     json.load(open(str(tmp_path / 'narrow.json'))))
+    small = nets.unet(nets.UNetConfig.from_dict(cfg.unet))
+    small.load_weights(str(tmp_path / 'narrow.weights.h5'))
+    x = rng.normal(size=(1, 16, 16, 16, 1)).astype(np.float32)
+    np.testing.assert_allclose(model.predict_on_batch(x), small.predict_on_batch(x), atol=1e-5)
+    t.run()
+    card = trainer.export(str(tmp_path / 'wide'), str(tmp_path / 'wide_out'))
+    assert card['architecture']['features'] == 6 and card['training']['steps'] == 5
+    head = nets.unet(nets.UNetConfig.from_dict(card['architecture']))
+    head.load_weights(str(tmp_path / 'wide_out.weights.h5'))
+    kernel = np.asarray(head.get_layer('head').kernel)
+    assert np.abs(kernel[..., 4:, :]).max() > 0     # the added channels now reach the output

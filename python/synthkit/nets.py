@@ -90,6 +90,59 @@ def unet(cfg=None, shape=(None, None, None), name='unet'):
     return keras.Model(inp, out, name=name)
 
 
+def widen(narrow, wide, narrow_cfg, wide_cfg):
+    """Copy the weights of U-Net ``narrow`` into the wider U-Net ``wide`` (same levels, convs
+    per level, feature multiplier, normalization and channels; ``wide_cfg.features`` at least
+    ``narrow_cfg.features``) so that ``wide`` computes exactly the function of ``narrow``.
+
+    Each layer's old channels take the old weights; the added channels keep ``wide``'s fresh
+    random weights on their inputs, and their weights into the old channels (and the head) are
+    zero: they contribute nothing until training moves those weights, then add capacity to a
+    trained network (function-preserving widening, as Net2Net) instead of starting over."""
+    same = ('in_channels', 'out_channels', 'feature_mult', 'levels', 'convs_per_level',
+            'activation', 'norm', 'final_activation')
+    for key in same:
+        if getattr(narrow_cfg, key) != getattr(wide_cfg, key):
+            raise ValueError('cannot widen: %s differs (%r, %r)' % (
+                key, getattr(narrow_cfg, key), getattr(wide_cfg, key)))
+    if wide_cfg.features < narrow_cfg.features:
+        raise ValueError('cannot widen from %d to %d features'
+                         % (narrow_cfg.features, wide_cfg.features))
+
+    def feats(cfg, level):
+        return cfg.features * cfg.feature_mult ** level
+
+    def old_inputs(name, n_old):
+        """Positions in the wide layer's input of the narrow layer's n_old input channels."""
+        kind, _, rest = name.partition('_')
+        if kind.startswith('dec') and rest == 'conv0':      # [upsampled deeper, skip]
+            level = int(kind[3:])
+            below = (feats(narrow_cfg, level + 1), feats(wide_cfg, level + 1))
+            return list(range(below[0])) + [below[1] + i for i in range(n_old - below[0])]
+        return list(range(n_old))        # the image, or the previous layer's first channels
+
+    for layer in wide.layers:
+        old_layer = narrow.get_layer(layer.name)
+        old = old_layer.get_weights()
+        if not old:
+            continue
+        new = layer.get_weights()
+        if isinstance(layer, layers.Conv3D):
+            kernel, n_out = new[0], old[0].shape[-1]
+            rows = old_inputs(layer.name, old[0].shape[-2])
+            kernel[..., :n_out] = 0
+            kernel[..., rows, :n_out] = old[0]
+            new[0] = kernel
+            if len(new) > 1:
+                new[1][:] = 0
+                new[1][:n_out] = old[1]
+        else:                            # normalization: per-channel vectors
+            for n, o in zip(new, old):
+                n[:o.shape[0]] = o
+        layer.set_weights(new)
+    return wide
+
+
 class ImageStatistics:
     """Wrap a model so that its batch normalization uses each input's own statistics.
 

@@ -123,11 +123,24 @@ class Task:
         model.compile(optimizer=keras.optimizers.Adam(self.cfg.learning_rate), loss=self.loss())
         return model
 
-    def load_init(self, model, weights):
+    def load_init(self, model, weights, card=None):
         """Load shipped weights (a bare network's ``.weights.h5``) into the training model
-        ``model`` (``--init``)."""
+        ``model`` (``--init``). When their ``card``'s U-Net has fewer features than this run's
+        (``--set unet.features=N``), the network is widened (:func:`synthkit.nets.widen`): the
+        run continues from the same function with more capacity."""
         net = self.network_layer
-        (model.get_layer(net) if net else model).load_weights(weights)
+        net = model.get_layer(net) if net else model
+        arch = (card or {}).get('architecture', {})
+        mine = nets.UNetConfig.from_dict(self.cfg.unet)
+        if arch.get('type') == 'unet' and arch.get('features', mine.features) != mine.features:
+            theirs = nets.UNetConfig.from_dict(arch)
+            narrow = nets.unet(theirs, name=net.name)
+            nets.load_weights(narrow, weights)
+            nets.widen(narrow, net, theirs, mine)
+            print('widened %s from %d to %d features' % (weights, theirs.features,
+                                                         mine.features), flush=True)
+            return
+        net.load_weights(weights)
 
     def load_checkpoint(self, path):
         """The training model of a checkpoint, optimizer state included."""

@@ -111,9 +111,10 @@ class Trainer:
             print('resuming %s at step %d' % (self.run_dir, start), flush=True)
         elif self.init:
             model = self.task.build_model()
-            self.task.load_init(model, self.init + '.weights.h5')
             with open(self.init + '.json') as f:
-                done = json.load(f)['training']
+                card = json.load(f)
+            self.task.load_init(model, self.init + '.weights.h5', card)
+            done = card['training']
             start = int(done['steps'])
             state = {'step': start, 'seconds': 3600.0 * float(done['hours']),
                      'devices': done.get('devices') or ([[0, start, done['device']]]

@@ -461,9 +461,9 @@ class SRTask(Task):
         bare.set_weights(self.bare(model).get_weights())
         return bare
 
-    def load_init(self, model, weights):
+    def load_init(self, model, weights, card=None):
         if not self.opts.crop:
-            return super().load_init(model, weights)
+            return super().load_init(model, weights, card)
         hybrid = self.network()
         nets.load_weights(hybrid, weights)
         _copy_parts(hybrid, model)
