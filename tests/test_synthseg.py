@@ -557,3 +557,92 @@ def test_weighted_argmax_moves_only_close_calls_to_the_weighted_label():
                      [0.7, 0.0, 0.3]], np.float32)[None, None]
     assert inference.hard_segmentation(post, labels).ravel().tolist() == [2, 2, 0]
     assert inference.hard_segmentation(post, labels, {3: 1.75}).ravel().tolist() == [3, 2, 0]
+
+
+def _blurred_boundary(rng, shape=(40, 12, 12), edge=20, ramp=6):
+    """A scan with an intensity edge at x = ``edge`` between two tissues (0.3 | 0.7, noisy), a
+    background slab at x < 4, and posteriors that place the boundary only roughly: a linear
+    ramp over ``ramp`` voxels each side, as a 2 mm network upsampled to 1 mm gives."""
+    x = np.arange(shape[0])[:, None, None] * np.ones(shape)
+    image = np.where(x < edge, 0.3, 0.7) + rng.normal(0, 0.03, shape)
+    image[x < 4] = 0
+    post = np.zeros(shape + (3,), np.float32)         # channels: background, A, B
+    b = np.clip((x - (edge + 3 - ramp)) / (2 * ramp), 0, 1)   # centred 3 voxels too far
+    post[..., 2] = b
+    post[..., 1] = 1 - b
+    post[x < 4] = [1, 0, 0]
+    post[x == 4] = [0.5, 0.5, 0]
+    return image.astype(np.float32), post
+
+
+def test_intensity_model_moves_blurred_boundaries_to_the_intensity_edge():
+    """The Gaussian intensity model (fitted on a 2 mm grid of the scan) puts the boundary the
+    network's posteriors only placed roughly (3 voxels off) at the image's edge, keeps the
+    network's background posterior exactly and the posteriors summing to one."""
+    rng = np.random.default_rng(0)
+    image, post = _blurred_boundary(rng)
+    before = np.argmax(post, -1)[:, 6, 6]
+    assert np.flatnonzero(before == 2)[0] == 24          # the network's boundary
+    model = inference.IntensityModel(3, bg=0)
+    model.fit(image[::2, ::2, ::2], post[::2, ::2, ::2])
+    mean, var, fitted = model.parameters()
+    assert fitted.tolist() == [False, True, True]
+    # the confident voxels of A include some of B's (the posteriors are off): roughly fitted
+    np.testing.assert_allclose(mean[1:], [0.3, 0.7], atol=0.08)
+    assert (np.sqrt(var[1:]) < 0.2).all()
+    out = model.apply(post, image)
+    np.testing.assert_array_equal(out[..., 0], post[..., 0])
+    np.testing.assert_allclose(out.sum(-1), 1, atol=1e-5)
+    after = np.argmax(out, -1)
+    assert (after[5:20] == 1).all()
+    # B's planes where A's posterior is not zero: all but the noisiest voxels (A's Gaussian, fitted
+    # on voxels of both, is the broader one)
+    assert min((after[x] == 2).mean() for x in range(20, 29)) > 0.95
+    assert (after[29:] == 2).all()
+    # far from the boundary the network's near-certain labels are not overturned by intensity
+    odd = image.copy()
+    odd[30:33, 5:8, 5:8] = 0.3                         # tissue A's intensity inside B
+    assert (np.argmax(model.apply(post, odd), -1)[30:33, 5:8, 5:8] == 2).all()
+
+
+def test_intensity_model_leaves_labels_without_enough_voxels_as_they_were():
+    """A label the network never gives more than the threshold is not fitted: its likelihood is
+    the average fitted label's, so its posterior keeps its ratio to the others' mean."""
+    rng = np.random.default_rng(1)
+    image, post = _blurred_boundary(rng)
+    post = np.concatenate([post, np.zeros(post.shape[:3] + (1,), np.float32)], -1)
+    post[..., 3] = 0.2 * post[..., 1]                   # a faint fourth label
+    post[..., 1] *= 0.8
+    model = inference.IntensityModel(4, bg=0)
+    model.fit(image, post)
+    assert model.parameters()[2].tolist() == [False, True, True, False]
+    out = model.apply(post, image)
+    np.testing.assert_allclose(out.sum(-1), 1, atol=1e-5)
+    assert np.isfinite(out).all()
+    empty = inference.IntensityModel(4, bg=0)          # nothing fitted: unchanged
+    np.testing.assert_array_equal(empty.apply(post, image), post)
+
+
+def test_segment_uses_the_intensity_model_only_when_asked(tiny_model_dir, tmp_path,
+                                                           monkeypatch):
+    """Segmenter.segment refines the 1 mm posteriors with the scan's intensity model by
+    default; the QC scores stay the network's own."""
+    monkeypatch.setenv('SYNTHKIT_MODELS', str(tiny_model_dir))
+    seg = inference.Segmenter()
+    data, affine = _phantom(tmp_path / 'scan.nii.gz', shape=(40, 44, 36))
+    calls = []
+    real = inference.IntensityModel.apply
+
+    def spy(self, post, image):
+        calls.append(post.shape)
+        return real(self, post, image)
+
+    monkeypatch.setattr(inference.IntensityModel, 'apply', spy)
+    refined = seg.segment(data, affine)
+    assert calls
+    seg.intensity_model = False
+    calls.clear()
+    plain = seg.segment(data, affine)
+    assert not calls
+    assert refined.qc == pytest.approx(plain.qc)
+    assert set(np.unique(refined.hard)) <= set(LABELS)
