@@ -646,3 +646,21 @@ def test_segment_uses_the_intensity_model_only_when_asked(tiny_model_dir, tmp_pa
     assert not calls
     assert refined.qc == pytest.approx(plain.qc)
     assert set(np.unique(refined.hard)) <= set(LABELS)
+
+
+def test_intensity_model_shares_a_fluid_between_labels():
+    """A label given another's Gaussian (``shared``: the inferior lateral ventricle takes the
+    lateral ventricle's fluid) ignores its own voxels' intensities."""
+    rng = np.random.default_rng(2)
+    image, post = _blurred_boundary(rng)
+    post = np.concatenate([post, np.zeros(post.shape[:3] + (1,), np.float32)], -1)
+    post[30:34, ..., 2:] = [0.45, 0.55]     # a twin of A the network puts over B's voxels
+    own = inference.IntensityModel(4, bg=0)
+    own.fit(image, post)
+    tied = inference.IntensityModel(4, bg=0, shared={3: 1})
+    tied.fit(image, post)
+    mean, var, fitted = tied.parameters()
+    assert mean[3] == mean[1] and var[3] == var[1] and fitted[3]
+    assert own.parameters()[0][3] == pytest.approx(0.7, abs=0.02)   # on its own: B's
+    assert (np.argmax(own.apply(post, image), -1)[30:34] == 3).mean() > 0.9
+    assert (np.argmax(tied.apply(post, image), -1)[30:34] == 2).all()
