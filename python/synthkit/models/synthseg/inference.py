@@ -132,7 +132,9 @@ class Segmenter:
         to the 1 mm output grid slab by slab (trilinear), each slab giving its hard labels,
         volumes and QC statistics, so memory is bounded by the network grid, not the output.
         Unless ``fast``, a coarser network grid is sampled twice, the second time shifted by
-        half a voxel along each axis (:attr:`second_grid`), and the slabs average the two."""
+        half a voxel along each axis (:attr:`second_grid`), and the slabs average the two. With
+        :attr:`intensity_model`, each slab's posteriors are then sharpened by the scan's own
+        intensities (:class:`IntensityModel`, fitted on the network grid(s))."""
         scaled = (geometry.rescale_intensities(data), affine)     # once for both grids
         grid = geometry.conform(scaled, voxsize=1.0, crop=crop, multiple=16, rescale=False)
         if self.voxsize == 1.0:
