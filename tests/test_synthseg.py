@@ -664,3 +664,22 @@ def test_intensity_model_shares_a_fluid_between_labels():
     assert own.parameters()[0][3] == pytest.approx(0.7, abs=0.02)   # on its own: B's
     assert (np.argmax(own.apply(post, image), -1)[30:34] == 3).mean() > 0.9
     assert (np.argmax(tied.apply(post, image), -1)[30:34] == 2).all()
+
+
+def test_cli_disable_intensity_model(tmp_path, models_env, capsys, monkeypatch):
+    """--disable_intensity_model: labels from the network's posteriors alone."""
+    _phantom(tmp_path / 'scan.nii.gz')
+    calls = []
+    real = inference.IntensityModel.apply
+
+    def spy(self, post, image):
+        calls.append(post.shape)
+        return real(self, post, image)
+
+    monkeypatch.setattr(inference.IntensityModel, 'apply', spy)
+    for flags in (['--disable_intensity_model'], []):
+        with pytest.raises(SystemExit) as e:
+            synthseg.main(['--i', str(tmp_path / 'scan.nii.gz'),
+                           '--o', str(tmp_path / ('a%d.mgz' % len(flags)))] + flags)
+        assert e.value.code == 0, capsys.readouterr().err
+        assert bool(calls) == (not flags)          # on by default

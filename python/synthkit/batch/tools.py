@@ -89,6 +89,9 @@ class SynthSeg(Tool):
         g.add_argument('--robust', action='store_true', help='robust model (not available)')
         g.add_argument('--v1', action='store_true', help='SynthSeg 1.0 model (not available)')
         g.add_argument('--fast', action='store_true', help='no flip averaging, no post-processing')
+        g.add_argument('--disable_intensity_model', action='store_true',
+                       help="the network's posteriors alone, without the per-scan intensity "
+                            "model")
         g.add_argument('--vol', action='store_true',
                        help='also a volumes CSV per scan (the study CSV is always written)')
         g.add_argument('--qc', action='store_true',
@@ -123,8 +126,10 @@ class SynthSeg(Tool):
 
     def signature(self):
         o = self.options
+        # results made before the intensity model (no such key) are made again
         sig = {'fast': o.fast, 'crop': o.crop, 'ct': o.ct, 'keepgeom': o.keepgeom,
-               'model': _model_id(self.weights)}
+               'model': _model_id(self.weights),
+               'intensity_model': not o.disable_intensity_model}
         if self.parc:           # only then: the results of earlier runs stay valid
             sig['parc'] = _model_id(self.parc[0])
         return sig
@@ -151,7 +156,9 @@ class SynthSeg(Tool):
         if self.parc:              # (weights, card), found by check()
             from ..models.synthparc.inference import Parcellator
             parc = Parcellator(*self.parc)
-        return Segmenter(weights, card), parc
+        seg = Segmenter(weights, card)
+        seg.intensity_model = not self.options.disable_intensity_model
+        return seg, parc
 
     def process(self, model, scan, outputs):
         from ..models.synthseg import cli

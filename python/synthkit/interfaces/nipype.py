@@ -59,6 +59,8 @@ class SynthSegInputSpec(CommandLineInputSpec):
     parc = traits.Bool(argstr='--parc', desc='cortical parcellation')
     robust = traits.Bool(argstr='--robust', desc='robust model')
     fast = traits.Bool(argstr='--fast', desc='no flip averaging or post-processing')
+    disable_intensity_model = traits.Bool(argstr='--disable_intensity_model',
+                                          desc="the network's posteriors alone")
     ct = traits.Bool(argstr='--ct', desc='CT scan: clip to [0, 80]')
     keepgeom = traits.Bool(argstr='--keepgeom', desc='outputs on the input voxel grid')
     crop = traits.List(traits.Int, argstr='--crop %s', minlen=1, maxlen=3, sep=' ',

@@ -3,7 +3,9 @@
 Pipeline per scan: load -> conform (1 mm, LIA, robust intensity rescale) -> U-Net posteriors
 (averaged with the left/right mirrored scan unless --fast) -> post-processing (smoothing,
 largest connected components of the brain and of each structure class; skipped with --fast) ->
-argmax -> outputs at 1 mm in network space, or on the input grid with --keepgeom.
+1 mm posteriors sharpened by the scan's per-label Gaussian intensity model (unless
+--disable_intensity_model) -> argmax -> outputs at 1 mm in network space, or on the input grid
+with --keepgeom.
 """
 
 import argparse
@@ -41,6 +43,9 @@ def build_parser():
     p.add_argument('--fast', action='store_true',
                    help='skip left/right flip averaging, the second network grid and '
                         'post-processing (about 1.5x faster)')
+    p.add_argument('--disable_intensity_model', action='store_true',
+                   help="labels from the network's posteriors alone, without the scan's "
+                        "per-label intensity model that sharpens them at 1 mm (SynthKit)")
     p.add_argument('--vol', metavar='CSV', help='write soft volumes (mm^3) of every structure')
     p.add_argument('--qc', metavar='CSV', help='write quality scores per structure group')
     p.add_argument('--post', metavar='OUT', help='write posteriors (33 frames)')
@@ -193,6 +198,7 @@ def run(args):
     common.set_threads(args.threads)
     from .inference import Segmenter   # TensorFlow: only once the arguments are known good
     seg = Segmenter(weights, card)
+    seg.intensity_model = not args.disable_intensity_model
     parc = None
     if parc_model:
         from ..synthparc.inference import Parcellator
