@@ -623,13 +623,9 @@ def test_intensity_model_leaves_labels_without_enough_voxels_as_they_were():
     np.testing.assert_array_equal(empty.apply(post, image), post)
 
 
-def test_segment_uses_the_intensity_model_only_when_asked(tiny_model_dir, tmp_path,
-                                                           monkeypatch):
-    """Segmenter.segment refines the 1 mm posteriors with the scan's intensity model by
-    default; the QC scores stay the network's own."""
-    monkeypatch.setenv('SYNTHKIT_MODELS', str(tiny_model_dir))
-    seg = inference.Segmenter()
-    data, affine = _phantom(tmp_path / 'scan.nii.gz', shape=(40, 44, 36))
+@pytest.fixture
+def intensity_calls(monkeypatch):
+    """The shapes IntensityModel.apply is called with (a spy)."""
     calls = []
     real = inference.IntensityModel.apply
 
@@ -638,6 +634,17 @@ def test_segment_uses_the_intensity_model_only_when_asked(tiny_model_dir, tmp_pa
         return real(self, post, image)
 
     monkeypatch.setattr(inference.IntensityModel, 'apply', spy)
+    return calls
+
+
+def test_segment_uses_the_intensity_model_only_when_asked(tiny_model_dir, tmp_path,
+                                                           monkeypatch, intensity_calls):
+    """Segmenter.segment refines the 1 mm posteriors with the scan's intensity model by
+    default; the QC scores stay the network's own."""
+    monkeypatch.setenv('SYNTHKIT_MODELS', str(tiny_model_dir))
+    seg = inference.Segmenter()
+    data, affine = _phantom(tmp_path / 'scan.nii.gz', shape=(40, 44, 36))
+    calls = intensity_calls
     refined = seg.segment(data, affine)
     assert calls
     seg.intensity_model = False
@@ -666,17 +673,10 @@ def test_intensity_model_shares_a_fluid_between_labels():
     assert (np.argmax(tied.apply(post, image), -1)[30:34] == 2).all()
 
 
-def test_cli_disable_intensity_model(tmp_path, models_env, capsys, monkeypatch):
+def test_cli_disable_intensity_model(tmp_path, models_env, capsys, intensity_calls):
     """--disable_intensity_model: labels from the network's posteriors alone."""
     _phantom(tmp_path / 'scan.nii.gz')
-    calls = []
-    real = inference.IntensityModel.apply
-
-    def spy(self, post, image):
-        calls.append(post.shape)
-        return real(self, post, image)
-
-    monkeypatch.setattr(inference.IntensityModel, 'apply', spy)
+    calls = intensity_calls
     for flags in (['--disable_intensity_model'], []):
         with pytest.raises(SystemExit) as e:
             synthseg.main(['--i', str(tmp_path / 'scan.nii.gz'),
