@@ -166,15 +166,22 @@ class Segmenter:
                 post = postprocess(post, self.labels, smooth_sigma=0.5 / self.voxsize)
             if model is not None:
                 model.fit(net.data[box], post)
-            parcels = None
-            if parc is not None:
-                on_net = hard_segmentation(post, self.labels, ribbon)
-                parcels = parc.posteriors(net.data[box], on_net == 3, on_net == 42,
-                                          flip=not fast)
             if len(nets_) > 1:      # kept while the next grid runs: half the memory
                 post = predict.to_float16(post)
-                parcels = None if parcels is None else predict.to_float16(parcels)
-            runs.append((net, post, box, parcels))
+            runs.append((net, post, box, None))
+        if parc is not None:
+            for i, (net, post, box, _) in enumerate(runs):
+                # the cortex masks from the posteriors the intensity model has sharpened (on
+                # this grid): held-out sub-07 parcel Dice 0.697 -> 0.713 (1 mm), 0.650 -> 0.662
+                # (1x1x5 mm) against the network's own
+                sharp = model.apply(post, net.data[box]) if model is not None else post
+                on_net = hard_segmentation(sharp, self.labels, ribbon)
+                del sharp
+                parcels = parc.posteriors(net.data[box], on_net == 3, on_net == 42,
+                                          flip=not fast)
+                if len(runs) > 1:
+                    parcels = predict.to_float16(parcels)
+                runs[i] = (net, post, box, parcels)
         net, post, box, parcels = runs[0]
         if parc is not None:
             from ..synthparc import inference as parcellation
