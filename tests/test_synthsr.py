@@ -133,7 +133,8 @@ def _tiny_synthseg(folder, seed=1, name='synthseg', features=4):
     seeded(nets.unet(seg_cfg), seed).save_weights(prefix + '.weights.h5')
     with open(prefix + '.json', 'w') as f:
         json.dump({'task': 'synthseg', 'architecture': {'type': 'unet', **seg_cfg.to_dict()},
-                   'input': {'voxsize_mm': 2.0, 'norm_statistics': 'image'}}, f)
+                   'input': {'voxsize_mm': 2.0, 'norm_statistics': 'image'},
+                   'output_labels': list(lab.SEGMENTATION_LABELS)}, f)
     return prefix
 
 
@@ -303,7 +304,8 @@ def test_hybrid_network_trains_checkpoints_exports_and_synthesizes(tmp_path, ban
     card = trainer.export(run, str(tmp_path / 'synthsr'))
     assert card['architecture']['type'] == 'synthsr_hybrid'
     assert card['architecture']['segmenter_norm_statistics'] == 'image'
-    sr = Synthesizer(str(tmp_path / 'synthsr.weights.h5'), card)
+    sr = Synthesizer(str(tmp_path / 'synthsr.weights.h5'), card,
+                     seg_model=prefix + '.weights.h5')
     assert sr.divisor == 4
     # run apart (segmenter on the whole image, the U-Net on the image and its posteriors) it
     # is the trained network (up to the float16 posteriors)
@@ -314,6 +316,60 @@ def test_hybrid_network_trains_checkpoints_exports_and_synthesizes(tmp_path, ban
     data[5:25, 5:25, 5:25] = np.random.default_rng(1).random((20, 20, 20)) + 1
     out = sr.synthesize(data, np.eye(4))
     assert out.image.shape == out.grid.data.shape and np.isfinite(out.image).all()
+    # fed the SynthSeg pipeline's refined 1 mm posteriors (the default), or its own 2 mm ones
+    sr.refine = False
+    own = sr.synthesize(data, np.eye(4))
+    assert own.image.shape == out.image.shape and not np.allclose(own.image, out.image)
+
+
+def test_refined_inputs_are_the_synthseg_pipelines_posteriors(tmp_path):
+    """With ``refine``, the U-Net's posterior channels are what mri_synthseg's pipeline gives
+    (its 1 mm posteriors, intensity model included) on SynthSR's own grid, the image channel
+    SynthSR's conformed image."""
+    from synthkit import geometry
+    from synthkit.models.synthseg.inference import Segmenter, content_box
+    from synthkit.models.synthsr.inference import Synthesizer, RefinedInputs
+    prefix = _tiny_synthseg(tmp_path)
+    seg = Segmenter(prefix + '.weights.h5', json.load(open(prefix + '.json')))
+    sr = Synthesizer.__new__(Synthesizer)
+    sr.seg_model, sr._pipeline = seg, None
+    aseg, t1 = _phantom(48)
+    affine = np.diag([1.1, 1.0, 1.2, 1.0])
+    grid = geometry.conform((t1, affine), voxsize=1.0, multiple=16)
+    box = content_box(grid.data, 8, margin=8)
+    inputs = sr.refined_inputs(t1, affine, grid, box)
+    assert isinstance(inputs, RefinedInputs)
+    whole = inputs[tuple(slice(0, n) for n in inputs.shape[:3])]
+    assert whole.shape == grid.data[box].shape + (1 + len(lab.SEGMENTATION_LABELS),)
+    np.testing.assert_array_equal(whole[..., 0], grid.data[box].astype(np.float16))
+    expected = seg.segment(t1, affine, keep_posteriors=True).posteriors[box]
+    np.testing.assert_allclose(whole[..., 1:].astype(np.float32), expected, atol=2e-3)
+    assert (whole[..., 1:].sum(-1) > 0.99).all()
+
+
+def test_refined_inputs_make_any_box_of_the_whole_input():
+    from synthkit.models.synthsr.inference import RefinedInputs, _BrainBox
+    rng = np.random.default_rng(3)
+    image = rng.random((20, 16, 12)).astype(np.float32)          # grid[2:22, 1:17, 0:12]
+    origin = (2, 1, 0)
+    sink = _BrainBox().start(None, None)
+    region = (slice(6, 15), slice(4, 12), slice(3, 13))           # posteriors known here
+    post = rng.random((9, 8, 10, 3)).astype(np.float16)
+    for i in range(0, 9, 4):                                      # given as slabs
+        sink.write((slice(6 + i, min(15, 10 + i)),) + region[1:], post[i:i + 4])
+    got_region, got = sink.result(3, 0)
+    assert got_region == region
+    np.testing.assert_array_equal(got, post)
+    whole_grid = np.zeros((24, 20, 16, 3), np.float16)
+    whole_grid[..., 0] = 1
+    whole_grid[region] = post
+    expected = np.concatenate([image[..., None].astype(np.float16),
+                               whole_grid[2:22, 1:17, 0:12]], -1)
+    inputs = RefinedInputs(image, origin, got, got_region, 0)
+    assert inputs.shape == expected.shape
+    for box in [(slice(0, 20), slice(0, 16), slice(0, 12)), (slice(0, 4), slice(0, 3),
+                slice(0, 2)), (slice(5, 17), slice(2, 16), slice(9, 12)), (slice(3, 9),)]:
+        np.testing.assert_array_equal(inputs[box], expected[box])
 
 
 def test_crop_mode_segments_the_whole_example_and_trains_the_unet_on_its_centre(tmp_path,

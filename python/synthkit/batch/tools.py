@@ -301,12 +301,17 @@ class SynthSR(Tool):
         if self.options.lowfield:
             raise common.ModelUnavailable('--lowfield: model not yet available (the low-field '
                                           'variant is not trained yet)')
-        self.weights = common.find_model('synthsr', self.options.model)[0]
+        self.weights, card = common.find_model('synthsr', self.options.model)
+        # the hybrid renders from mri_synthseg's posteriors: its weights are part of the result
+        self.seg_weights = None
+        if card.get('architecture', {}).get('type') == 'synthsr_hybrid':
+            self.seg_weights = common.find_model('synthseg')[0]
 
     def signature(self):
         o = self.options
         return {'ct': o.ct, 'sharpening': not o.disable_sharpening,
-                'flipping': not o.disable_flipping, 'model': _model_id(self.weights)}
+                'flipping': not o.disable_flipping, 'model': _model_id(self.weights),
+                'synthseg': _model_id(self.seg_weights) if self.seg_weights else None}
 
     def outputs(self, scan):
         # the thumbnail's name is the one synthesize_one gives it: common.png_beside(image)

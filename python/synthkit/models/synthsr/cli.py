@@ -1,8 +1,9 @@
 """mri_synthsr: any brain scan -> a 1 mm isotropic MPRAGE-like T1 (SynthSR).
 
 Pipeline per scan: load -> conform (1 mm, LIA, covering the input's field of view, robust
-intensity rescale) -> U-Net prediction of the T1 (averaged with the left/right mirrored scan
-unless --disable_flipping) -> light unsharp masking (unless --disable_sharpening) -> written in
+intensity rescale) -> mri_synthseg's refined 1 mm posteriors -> U-Net prediction of the T1 from
+the scan and those posteriors (averaged with the left/right mirrored scan unless
+--disable_flipping) -> light unsharp masking (unless --disable_sharpening) -> written in
 FreeSurfer's T1 scale (white matter about 110).
 """
 
@@ -42,7 +43,8 @@ def build_parser():
     p.add_argument('--disable_sharpening', action='store_true',
                    help='skip the final sharpening step')
     p.add_argument('--disable_flipping', action='store_true',
-                   help='skip left-right flip averaging (about 2x faster, slightly less accurate)')
+                   help='skip left-right flip averaging, in the T1 network and in the '
+                        'segmentation it starts from (about 2x faster, slightly less accurate)')
     p.add_argument('--lowfield', action='store_true',
                    help='variant for low-field scans (e.g. portable 64 mT scanners)')
     p.add_argument('--v1', action='store_true', help='first version of the model (not available)')
