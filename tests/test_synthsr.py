@@ -347,6 +347,38 @@ def test_refined_inputs_are_the_synthseg_pipelines_posteriors(tmp_path):
     assert (whole[..., 1:].sum(-1) > 0.99).all()
 
 
+def test_refined_posteriors_layer_is_the_intensity_model_on_trilinear_posteriors():
+    """RefinedPosteriors (training graph) = IntensityModel.fit on the 2 mm grid, then .apply
+    on the posteriors interpolated trilinearly to 1 mm (mri_synthseg's pipeline)."""
+    from synthkit.models.synthseg.inference import IntensityModel
+    rng = np.random.default_rng(0)
+    c = 5
+    lab2 = rng.integers(0, c, (6, 6, 6))
+    lab2[:, :, :2] = 0
+    logits = rng.normal(0, 1, (6, 6, 6, c)) + 4 * np.eye(c)[lab2]
+    p2 = np.exp(logits)
+    p2 = (p2 / p2.sum(-1, keepdims=True)).astype(np.float32)
+    lab1 = np.repeat(np.repeat(np.repeat(lab2, 2, 0), 2, 1), 2, 2)
+    image = (np.array([0, .2, .5, .7, .9])[lab1] + rng.normal(0, .05, lab1.shape)).astype(
+        np.float32)
+    low = image.reshape(6, 2, 6, 2, 6, 2).mean((1, 3, 5))
+    model = IntensityModel(c, 0, shared={4: 3})
+    model.fit(low, p2)
+    coords = np.stack(np.meshgrid(*[(np.arange(12) - 0.5) / 2] * 3, indexing='ij'))
+    up = np.stack([ndimage.map_coordinates(p2[..., k], coords, order=1, mode='nearest')
+                   for k in range(c)], -1).astype(np.float32)
+    expected = model.apply(up, image)
+    assert np.abs(expected - up).max() > 0.3                      # the model does something
+    layer = srtask.RefinedPosteriors(bg=0, shared={4: 3})
+    args = [image[None, ..., None], low[None, ..., None], p2[None]]
+    out = np.asarray(layer(args + [p2[None]]))[0]
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    # a region given with one 2 mm voxel around it: the same inside
+    padded = np.pad(p2, ((1, 1),) * 3 + ((0, 0),), mode='edge')
+    out = np.asarray(layer(args + [padded[None]], margin=True))[0]
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
 def test_refined_inputs_make_any_box_of_the_whole_input():
     from synthkit.models.synthsr.inference import RefinedInputs, _BrainBox
     rng = np.random.default_rng(3)
@@ -372,15 +404,17 @@ def test_refined_inputs_make_any_box_of_the_whole_input():
         np.testing.assert_array_equal(inputs[box], expected[box])
 
 
+@pytest.mark.parametrize('refine', [False, True])
 def test_crop_mode_segments_the_whole_example_and_trains_the_unet_on_its_centre(tmp_path,
-                                                                              bank_cfg):
+                                                                              bank_cfg, refine):
     """task option crop: the frozen segmenter sees the whole example (as it sees the whole scan
     at inference: on an 80 mm crop its labels agree with its whole-head ones at Dice 0.1-0.2),
     the U-Net its centre; the loss's segmenter sees the prediction pasted into the target T1;
-    --init loads a hybrid export, checkpoints reload, the export is the plain hybrid."""
+    --init loads a hybrid export, checkpoints reload, the export is the plain hybrid. With
+    refine_input, the posteriors of the centre are the refined ones of the whole example."""
     from synthkit import trainer
     prefix = _tiny_synthseg(tmp_path)
-    opts = {'seg_weight': 0.25, 'seg_model': prefix, 'seg_input': True}
+    opts = {'seg_weight': 0.25, 'seg_model': prefix, 'seg_input': True, 'refine_input': refine}
     cfg = TrainConfig(**{**bank_cfg.__dict__, 'steps': 2, 'val_every': 2,
                          'task_options': {**opts, 'crop': 16}})
     task = models.create(cfg)
@@ -396,7 +430,9 @@ def test_crop_mode_segments_the_whole_example_and_trains_the_unet_on_its_centre(
     np.testing.assert_array_equal(y[0], t[0][:, 4:20, 4:20, 4:20])
     # the U-Net's input: the image and the posteriors of the whole example, then cropped
     hybrid = task.exported_network(model)
-    probe = keras.Model(model.inputs, model.get_layer('centre_crop').output)
+    probe = keras.Model(model.inputs, model.get_layer('centre_inputs').output)
+    if refine:
+        assert hybrid.get_layer('posteriors_refined') is not None
     whole = keras.Model(hybrid.inputs, hybrid.get_layer('image_and_posteriors').output)
     np.testing.assert_allclose(np.asarray(probe.predict_on_batch(x)),
                                np.asarray(whole.predict_on_batch(image))[:, 4:20, 4:20, 4:20],
@@ -419,6 +455,11 @@ def test_crop_mode_segments_the_whole_example_and_trains_the_unet_on_its_centre(
     again = task.load_checkpoint(os.path.join(run, 'ckpt.keras'))
     card = trainer.export(run, str(tmp_path / 'sr1'))
     assert card['architecture']['type'] == 'synthsr_hybrid' and card['training']['steps'] == 2
+    assert bool(card['architecture'].get('refine_input')) == refine
+    reloaded, _ = srtask.load_hybrid(str(tmp_path / 'sr1.weights.h5'), card['architecture'])
+    np.testing.assert_allclose(np.asarray(reloaded.predict_on_batch(image)),
+                               np.asarray(task.exported_network(again).predict_on_batch(image)),
+                               atol=1e-5)
     shipped = task.network()
     nets.load_weights(shipped, str(tmp_path / 'sr1.weights.h5'))
     for name in ('frozen_synthseg', 'sr_core'):

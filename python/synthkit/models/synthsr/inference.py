@@ -41,7 +41,8 @@ class Synthesizer:
     #: the hybrid's U-Net is fed mri_synthseg's refined 1 mm posteriors (the SynthSeg pipeline
     #: with its intensity model) instead of its own 2 mm segmenter's: segmenting the output,
     #: OASIS 0455 1 mm 0.788 -> 0.823 mean Dice, 1x1x5 mm 0.784 -> 0.806; correlation with the
-    #: real T1 0.758 -> 0.866 (docs/mri_synthsr.md)
+    #: real T1 0.758 -> 0.866 (docs/mri_synthsr.md). Off: the hybrid's own segmenter's 2 mm
+    #: posteriors repeated to 1 mm (how models trained without ``refine_input`` saw them)
     refine = True
 
     def __init__(self, weights=None, card=None, seg_model=None):

@@ -193,20 +193,131 @@ class SoftDiceLoss(keras.losses.Loss):
         return losses.soft_dice_loss(y_true, y_pred)
 
 
+def _smooth_upsampled(x, axes=(1, 2, 3)):
+    """Nearest-neighbour 2x upsampled posteriors made trilinear: [1/4, 1/2, 1/4] along each
+    axis (edges repeated); exactly the trilinear interpolation between the 2 mm voxel centres."""
+    for ax in axes:
+        def part(sl):
+            return x[(slice(None),) * ax + (sl,)]
+        before = ops.concatenate([part(slice(0, 1)), part(slice(None, -1))], axis=ax)
+        after = ops.concatenate([part(slice(1, None)), part(slice(-1, None))], axis=ax)
+        x = 0.5 * x + 0.25 * (before + after)
+    return x
+
+
+class RefinedPosteriors(keras.layers.Layer):
+    """What ``mri_synthseg``'s pipeline gives SynthSR at inference, made in the training graph:
+    the segmenter's 2 mm posteriors brought to 1 mm trilinearly and sharpened by a Gaussian
+    intensity model of each label fitted to the example (the training-time twin of
+    :class:`synthkit.models.synthseg.inference.IntensityModel`: fitted on the 2 mm grid over
+    voxels of posterior above ``threshold``, brain labels renormalized to the network's brain
+    probability, background kept, ``shared`` labels taking another's Gaussian).
+
+    Inputs: the 1 mm image (B, X, Y, Z, 1), the 2 mm image (B, x, y, z, 1) and posteriors
+    (B, x, y, z, C) the intensity model is fitted on, and the 2 mm posteriors to bring to 1 mm:
+    those of the 1 mm image's region (B, X/2, Y/2, Z/2, C; edges repeated), or with ``margin``
+    those and one 2 mm voxel around them (B, X/2 + 2, ..., C; cropped after the
+    interpolation)."""
+
+    def __init__(self, bg=0, shared=None, threshold=0.5, min_weight=4.0, min_std=0.05,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.bg, self.threshold, self.min_weight, self.min_std = bg, threshold, min_weight, \
+            min_std
+        self.shared = {int(k): int(v) for k, v in (shared or {}).items()}
+
+    def get_config(self):
+        return {**super().get_config(), 'bg': self.bg, 'shared': self.shared,
+                'threshold': self.threshold, 'min_weight': self.min_weight,
+                'min_std': self.min_std}
+
+    def call(self, inputs, margin=False):
+        image, low, fit_post, post = [ops.cast(t, 'float32') for t in inputs]
+        channels = fit_post.shape[-1]
+        w = ops.where(fit_post > self.threshold, fit_post, 0.0)
+        n = ops.sum(w, axis=(1, 2, 3))                              # (B, C)
+        s1 = ops.sum(w * low, axis=(1, 2, 3))
+        s2 = ops.sum(w * low * low, axis=(1, 2, 3))
+        if self.shared:
+            index = [self.shared.get(c, c) for c in range(channels)]
+            n, s1, s2 = (ops.take(t, index, axis=1) for t in (n, s1, s2))
+        not_bg = np.ones(channels, np.float32)
+        not_bg[self.bg] = 0
+        fitted = ops.cast(n >= self.min_weight, 'float32') * not_bg
+        mean = s1 / ops.maximum(n, 1e-12)
+        var = ops.maximum(s2 / ops.maximum(n, 1e-12) - mean ** 2, self.min_std ** 2)
+        var = ops.where(fitted > 0, var, 1.0)
+        up = ops.repeat(ops.repeat(ops.repeat(post, 2, axis=1), 2, axis=2), 2, axis=3)
+        up = _smooth_upsampled(up)
+        if margin:
+            up = up[:, 2:-2, 2:-2, 2:-2]
+        b = lambda t: t[:, None, None, None, :]                     # noqa: E731
+        loglik = -0.5 * (image - b(mean)) ** 2 / b(var) - 0.5 * ops.log(b(var))
+        fit_b = b(fitted)
+        count = ops.maximum(ops.sum(fitted, axis=-1), 1.0)[:, None, None, None, None]
+        average = ops.sum(loglik * fit_b, axis=-1, keepdims=True) / count
+        loglik = ops.where(fit_b > 0, loglik, average)
+        loglik = ops.where(ops.convert_to_tensor(not_bg) > 0, loglik, -1e30)
+        loglik = loglik - ops.max(loglik, axis=-1, keepdims=True)
+        lik = ops.exp(loglik) * up
+        bg = up[..., self.bg:self.bg + 1]
+        total = ops.sum(lik, axis=-1, keepdims=True)
+        refined = lik * (1.0 - bg) / ops.maximum(total, 1e-20)
+        refined = ops.where(total > 1e-20, refined, up)
+        is_bg = np.zeros(channels, np.float32)
+        is_bg[self.bg] = 1
+        refined = refined * (1.0 - is_bg) + up * is_bg
+        any_fit = ops.cast(ops.sum(fitted, axis=-1) > 0, 'float32')[:, None, None, None, None]
+        inside = ops.cast(bg < 1 - 1e-6, 'float32')
+        keep = any_fit * inside
+        return refined * keep + up * (1.0 - keep)
+
+
 CUSTOM_OBJECTS = {'ImageStatisticsNorm': ImageStatisticsNorm, 'MinMax': MinMax,
-                  'L1Loss': L1Loss, 'SoftDiceLoss': SoftDiceLoss}
+                  'L1Loss': L1Loss, 'SoftDiceLoss': SoftDiceLoss,
+                  'RefinedPosteriors': RefinedPosteriors}
 
 
-def hybrid_network(cfg, segmenter, name='synthsr_unet'):
+def refined_posteriors_layer(name='posteriors_refined'):
+    """:class:`RefinedPosteriors` with mri_synthseg's choices (the inferior lateral ventricles
+    take the lateral ventricles' Gaussian)."""
+    from ..synthseg.inference import SHARED_INTENSITY
+    index = {k: i for i, k in enumerate(lab.SEGMENTATION_LABELS)}
+    return RefinedPosteriors(bg=index[0], shared={index[a]: index[b] for a, b in
+                                                  SHARED_INTENSITY.items()}, name=name)
+
+
+def centre_posteriors(net, centre, low, post, margins):
+    """The hybrid network ``net``'s 2 mm posteriors ``post`` (of the image whose 2 mm version
+    is ``low``) on the 1 mm grid of its ``centre`` (the 1 mm image cropped by ``margins``
+    voxels, even, on each side): nearest-neighbour repeats, or, when ``net`` has a
+    :class:`RefinedPosteriors` layer, refined ones."""
+    try:
+        refine = net.get_layer('posteriors_refined')
+    except ValueError:
+        return keras.layers.Cropping3D(tuple((m, m) for m in margins),
+                                       name='centre_crop_posteriors')(
+            net.get_layer('posteriors_to_1mm')(post))
+    region = keras.layers.Cropping3D(tuple((m // 2 - 1, m // 2 - 1) for m in margins),
+                                     name='centre_crop_posteriors')(post)
+    return refine([centre, low, post, region], margin=True)
+
+
+def hybrid_network(cfg, segmenter, name='synthsr_unet', refine=False):
     """The SR network fed with the frozen SynthSeg's view of its input too: the image and the
     33 posteriors of ``segmenter`` on it (at 2 mm, back to 1 mm by nearest neighbour) go into a
     U-Net of ``cfg`` (whose ``in_channels`` must be 34). The posteriors are contrast-invariant
     from the first step, so the U-Net learns to render a T1 from them rather than to segment
-    from scratch. Inputs must be multiples of 2x the segmenter's divisor."""
+    from scratch. Inputs must be multiples of 2x the segmenter's divisor. ``refine``: the
+    posteriors come to 1 mm as mri_synthseg's pipeline gives them (:class:`RefinedPosteriors`;
+    edges repeated)."""
     inp = keras.Input((None, None, None, 1), name='image')
     low = keras.layers.AveragePooling3D(2, name='input_to_2mm')(inp)
     post = segmenter(MinMax(name='input_minmax')(low))
-    up = keras.layers.UpSampling3D(2, name='posteriors_to_1mm')(post)
+    if refine:
+        up = refined_posteriors_layer()([inp, low, post, post])
+    else:
+        up = keras.layers.UpSampling3D(2, name='posteriors_to_1mm')(post)
     x = keras.layers.Concatenate(name='image_and_posteriors')([inp, up])
     out = nets.unet(cfg, name='sr_core')(x)
     return keras.Model(inp, out, name=name)
@@ -219,7 +330,8 @@ def load_hybrid(weights, architecture):
     seg = nets.unet(seg_cfg, name='frozen_synthseg')
     if architecture.get('segmenter_norm_statistics') == 'image':
         _image_statistics(seg)       # before loading: the weights file names the classes
-    model = hybrid_network(nets.UNetConfig.from_dict(architecture['unet']), seg)
+    model = hybrid_network(nets.UNetConfig.from_dict(architecture['unet']), seg,
+                           refine=bool(architecture.get('refine_input')))
     nets.load_weights(model, weights)
     return model, 2 * seg_cfg.divisor
 
@@ -304,6 +416,10 @@ class SROptions(Options):
     # with seg_input: the U-Net trains on the centre crop^3 of each example (cfg.shape) while the
     # segmenter sees the whole example, as it sees the whole scan at inference (0: no crop)
     crop: int = 0
+    # with seg_input: the U-Net is fed the posteriors as mri_synthseg's pipeline gives them at
+    # inference (1 mm, sharpened by the example's own intensity model: RefinedPosteriors), not
+    # the segmenter's 2 mm ones repeated
+    refine_input: bool = False
 
 
 class SRTask(Task):
@@ -370,16 +486,20 @@ class SRTask(Task):
 
     def network(self):
         if self.opts.seg_input:
-            return hybrid_network(self.core_config(), self.segmenter()[0])
+            return hybrid_network(self.core_config(), self.segmenter()[0],
+                                  refine=self.opts.refine_input)
         return nets.unet(self.core_config(), name='synthsr_unet')
 
     def architecture(self):
         if not self.opts.seg_input:
             return super().architecture()
         seg_card = self.segmenter()[1]
-        return {'type': 'synthsr_hybrid', 'unet': self.core_config().to_dict(),
+        arch = {'type': 'synthsr_hybrid', 'unet': self.core_config().to_dict(),
                 'segmenter': seg_card['architecture'],
                 'segmenter_norm_statistics': seg_card.get('input', {}).get('norm_statistics')}
+        if self.opts.refine_input:
+            arch['refine_input'] = True
+        return arch
 
     def _margins(self):
         """Voxels cropped from each side of an example for the U-Net (crop mode): even, so that
@@ -402,10 +522,11 @@ class SRTask(Task):
         image = keras.Input((None, None, None, 1), name='image')
         low = net.get_layer('input_to_2mm')(image)
         post = net.get_layer('frozen_synthseg')(net.get_layer('input_minmax')(low))
-        both = net.get_layer('image_and_posteriors')([image, net.get_layer('posteriors_to_1mm')(
-            post)])
-        sr = net.get_layer('sr_core')(keras.layers.Cropping3D(
-            tuple((m, m) for m in margins), name='centre_crop')(both))
+        centre = keras.layers.Cropping3D(tuple((m, m) for m in margins), name='centre_crop')(
+            image)
+        both = keras.layers.Concatenate(name='centre_inputs')([centre, centre_posteriors(
+            net, centre, low, post, margins)])
+        sr = net.get_layer('sr_core')(both)
         if not self.opts.seg_weight:
             return keras.Model(image, sr, name='synthsr_training')
         context = keras.Input((None, None, None, 1), name='context')
