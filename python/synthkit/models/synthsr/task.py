@@ -467,8 +467,9 @@ class SRTask(Task):
             # the plain network's 0.20-0.28 (and negative at times) at 100-500; crop mode: the
             # segmenter's labels of 80 mm examples agree with its whole-head ones at Dice
             # 0.11-0.19, and 1163 steps in crop mode raised SR-then-segment OASIS Dice
-            # 0.734 -> 0.749 (docs/mri_synthsr.md)
-            task_options={'seg_input': True, 'crop': 80})
+            # 0.734 -> 0.749 (docs/mri_synthsr.md); refine_input: 1409 steps raised it (with
+            # mri_synthsr's refined posteriors) 0.793 -> 0.821
+            task_options={'seg_input': True, 'crop': 80, 'refine_input': True})
 
     # ------------------------------------------------------------------------------- model
     def segmenter(self):
