@@ -154,12 +154,7 @@ class Segmenter:
         ribbon = None if parc is None else {3: parc.cortex_weight, 42: parc.cortex_weight}
         runs = []            # (network grid, posteriors, box, parcel posteriors) of each grid
         bg = self.labels.index(0)
-        model = None
-        if self.intensity_model:
-            index = {k: i for i, k in enumerate(self.labels)}
-            model = IntensityModel(len(self.labels), bg, shared={
-                index[a]: index[b] for a, b in SHARED_INTENSITY.items()
-                if a in index and b in index})
+        model = IntensityModel.for_labels(self.labels) if self.intensity_model else None
         for net in nets_:
             post, box = self.posteriors(net, fast)
             if not fast:      # smoothing of half a 1 mm voxel, in network voxels
@@ -253,9 +248,18 @@ class IntensityModel:
     def __init__(self, channels, bg, threshold=0.5, min_weight=4.0, min_std=0.05, shared=None):
         """``shared``: {channel: channel whose Gaussian it takes} (one fluid in two labels)."""
         self.bg, self.threshold = bg, threshold
-        self.min_weight, self.min_var = min_weight, min_std ** 2
+        self.min_weight, self.min_std, self.min_var = min_weight, min_std, min_std ** 2
         self.shared = dict(shared or {})
         self.sums = np.zeros((3, channels), np.float64)     # weight, weight*x, weight*x^2
+
+    @classmethod
+    def for_labels(cls, labels):
+        """The model ``mri_synthseg`` uses for output channels ``labels`` (background: label
+        0; :data:`SHARED_INTENSITY`)."""
+        index = {k: i for i, k in enumerate(labels)}
+        return cls(len(labels), index[0], shared={
+            index[a]: index[b] for a, b in SHARED_INTENSITY.items()
+            if a in index and b in index})
 
     def fit(self, image, post):
         """Add the statistics of ``image`` (x, y, z) under its posteriors (x, y, z, C)."""

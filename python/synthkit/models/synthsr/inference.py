@@ -84,8 +84,8 @@ class Synthesizer:
         160 voxels a side overlapping by 32 (each tile's outer 16 voxels, where the network's
         zero padding shows in a smooth image, give way to its neighbour's), so memory is
         bounded on large fields of view; voxels outside the input's field of view (or where the
-        rescaled input is zero) are zero in the output. ``flip=False`` also runs the SynthSeg pipeline as ``--fast`` (one pass of each
-        network)."""
+        rescaled input is zero) are zero in the output. ``flip=False`` also runs the SynthSeg
+        pipeline as ``--fast`` (one pass of each network)."""
         grid = geometry.conform((data, affine), voxsize=1.0, crop=crop, multiple=16)
         box = content_box(grid.data, self.divisor, margin=8)
         x = grid.data[box]
@@ -128,7 +128,6 @@ class Synthesizer:
         post = np.asarray(self.segmenter.predict_on_batch(np.pad(low, pad)[None, ..., None]),
                           np.float32)[0][:n[0], :n[1], :n[2]]
         return TileInputs(x, predict.to_float16(post))
-
 
     def refined_inputs(self, data, affine, grid, box, crop=None, fast=False):
         """:class:`RefinedInputs` of the content ``box`` of ``grid`` (the conformed ``data``):

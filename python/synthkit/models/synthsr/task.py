@@ -279,12 +279,13 @@ CUSTOM_OBJECTS = {'ImageStatisticsNorm': ImageStatisticsNorm, 'MinMax': MinMax,
 
 
 def refined_posteriors_layer(name='posteriors_refined'):
-    """:class:`RefinedPosteriors` with mri_synthseg's choices (the inferior lateral ventricles
-    take the lateral ventricles' Gaussian)."""
-    from ..synthseg.inference import SHARED_INTENSITY
-    index = {k: i for i, k in enumerate(lab.SEGMENTATION_LABELS)}
-    return RefinedPosteriors(bg=index[0], shared={index[a]: index[b] for a, b in
-                                                  SHARED_INTENSITY.items()}, name=name)
+    """:class:`RefinedPosteriors` with mri_synthseg's settings (its
+    :meth:`IntensityModel.for_labels`: e.g. the inferior lateral ventricles take the lateral
+    ventricles' Gaussian)."""
+    from ..synthseg.inference import IntensityModel
+    model = IntensityModel.for_labels(lab.SEGMENTATION_LABELS)
+    return RefinedPosteriors(bg=model.bg, shared=model.shared, threshold=model.threshold,
+                             min_weight=model.min_weight, min_std=model.min_std, name=name)
 
 
 def centre_posteriors(net, centre, low, post, margins):
