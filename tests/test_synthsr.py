@@ -90,6 +90,37 @@ def test_rendered_t1_has_mprage_contrast():
     assert 0 < t1[:8].std() < 0.1 * wm       # smooth within-structure variation, not texture
 
 
+def test_prior_contrast_brings_brain_labels_to_the_rendered_contrast(tmp_path):
+    """The 'prior' real-T1 targets: each brain label's median moves to its MPRAGE prior (cortex
+    70 -> 66 of 110, ventricle 30 -> 30.5 with white matter 110 kept), within-label variation
+    is scaled with it, and the head outside the brain is left as it is."""
+    aseg, t1 = _phantom()
+    t1 = t1 * (1 + 0.05 * np.random.default_rng(0).standard_normal(t1.shape))
+    labels = srtask.subject_generation_labels(t1, aseg)
+    out = srtask.prior_contrast(t1, labels, sigma_mm=0)
+    prior = {k: srtask.WM_T1 * srtask.T1_MEANS[k] / srtask.T1_MEANS_WM for k in (2, 3, 4)}
+    for k in (2, 3, 4):
+        m = labels == k
+        assert np.median(out[m]) == pytest.approx(prior[k], rel=1e-3)
+        assert np.std(out[m]) / np.median(out[m]) == pytest.approx(
+            np.std(t1[m]) / np.median(t1[m]), rel=1e-3)
+    head = ~np.isin(labels, [k for k in srtask.T1_MEANS if k not in srtask.HEAD_LABELS])
+    assert np.allclose(out[head], t1[head], rtol=1e-6)
+    # with the gains smoothed, a label's core still reaches its prior
+    smooth = srtask.prior_contrast(t1, labels)
+    core = ndimage.binary_erosion(labels == 3)
+    assert np.median(smooth[core]) == pytest.approx(prior[3], rel=0.03)
+    # the training option reads the subject through it
+    path = _subject(str(tmp_path))
+    labels_real, real = srtask.load_training_item(path)
+    labels_prior, harmonized = srtask.load_training_item(path, contrast='prior')
+    assert np.array_equal(labels_real, labels_prior) and harmonized.dtype == np.uint8
+    assert abs(np.median(harmonized[labels_prior == 3]) - prior[3]) <= 1
+    assert np.median(real[labels_real == 3]) == 70
+    with pytest.raises(ValueError, match='contrast'):
+        srtask.load_training_item(path, contrast='t2')
+
+
 @pytest.fixture(scope='module')
 def bank_cfg(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp('sr_data'))

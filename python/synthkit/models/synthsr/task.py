@@ -17,6 +17,7 @@ the frozen SynthSeg network (at its 2 mm grid), which keeps boundaries sharp.
 """
 
 import dataclasses
+import functools
 import os
 
 import keras
@@ -104,9 +105,38 @@ def _brain_generation_labels(aseg):
     return out
 
 
-def load_training_item(path):
+def prior_contrast(t1, labels, sigma_mm=0.5):
+    """A real T1 (FreeSurfer's scale, white matter 110) with the contrast of the rendered
+    targets: each brain label's median brought to its :data:`T1_MEANS` (relative to white
+    matter) by a gain, the gains smoothed (``sigma_mm``, voxels of 1 mm) so that partial-volume
+    edges stay smooth; the head outside the brain (:data:`HEAD_LABELS`, background) unchanged.
+
+    FreeSurfer's T1.mgz is normalized so that all white matter, cerebellar too, is 110, and its
+    grey matter and fluid are brighter relative to it than in an MPRAGE (cortex about 0.72 of
+    white matter against 0.60; the inferior lateral ventricles' voxels about 0.6): targets in
+    that scale taught the network to render the inferior horns close to grey matter, and
+    mri_synthseg's intensity model then erased them from its output (docs/mri_synthsr.md)."""
+    t1 = np.asarray(t1, np.float32)
+    labels = np.asarray(labels)
+    gain = np.ones(t1.shape, np.float32)
+    for k, mean in T1_MEANS.items():
+        if k == 0 or k in HEAD_LABELS:
+            continue
+        m = labels == k
+        if m.sum() < 8:
+            continue
+        median = float(np.median(t1[m]))
+        if median > 1:
+            gain[m] = WM_T1 * mean / T1_MEANS_WM / median
+    if sigma_mm:
+        gain = ndimage.gaussian_filter(gain, sigma_mm)
+    return t1 * gain
+
+
+def load_training_item(path, contrast='real'):
     """``(generation labels, T1 or None)`` of a bank entry: a label map file, or a FreeSurfer
-    subject folder (``T1.mgz`` + ``aseg.mgz``), whose T1 comes as uint8 in FreeSurfer's scale."""
+    subject folder (``T1.mgz`` + ``aseg.mgz``), whose T1 comes as uint8 in FreeSurfer's scale
+    (``contrast='prior'``: :func:`prior_contrast` of it)."""
     import nibabel as nib
     if not os.path.isdir(path):
         return gen.load_label_map(path)
@@ -116,6 +146,10 @@ def load_training_item(path):
         raise ValueError('%s: T1.mgz and aseg.mgz are not on one grid' % path)
     t1 = np.asarray(t1.dataobj)
     labels = subject_generation_labels(t1, np.asarray(aseg.dataobj))
+    if contrast == 'prior':
+        t1 = prior_contrast(t1, labels)
+    elif contrast != 'real':
+        raise ValueError("target contrast must be 'real' or 'prior', got %r" % (contrast,))
     return labels, np.clip(np.rint(t1), 0, 255).astype(np.uint8)
 
 
@@ -421,6 +455,9 @@ class SROptions(Options):
     # inference (1 mm, sharpened by the example's own intensity model: RefinedPosteriors), not
     # the segmenter's 2 mm ones repeated
     refine_input: bool = False
+    # the real subjects' T1 targets: 'real' (FreeSurfer's T1.mgz as it is) or 'prior' (each
+    # brain label's median brought to the rendered targets' MPRAGE contrast: prior_contrast)
+    real_contrast: str = 'real'
 
 
 class SRTask(Task):
@@ -593,7 +630,9 @@ class SRTask(Task):
 
     # -------------------------------------------------------------------------------- data
     def make_bank(self, paths):
-        return gen.LabelMapBank([resolve_subject(p) for p in paths], loader=load_training_item)
+        return gen.LabelMapBank([resolve_subject(p) for p in paths],
+                                loader=functools.partial(load_training_item,
+                                                         contrast=self.opts.real_contrast))
 
     def sample(self, sampler, bank, rng, n):
         real = [i for i, im in enumerate(bank.images) if im is not None]
