@@ -93,7 +93,8 @@ $(BENCH_VENV)/.installed:
 	echo '$(BENCH_PKGS)' > $@
 
 # Resumes runs/NAME if present; STEPS sets the total (default: the preset's). INIT=models/NAME
-# starts from the shipped weights in a fresh clone.
+# starts from the shipped weights in a fresh clone. PRECISION=auto trains in mixed bfloat16 where
+# the CPU (AMX / AVX-512 BF16) or a GPU computes it natively (a new run only).
 TRAIN_TASKS := synthseg synthstrip synthstrip_nocsf synthmorph_affine synthmorph_deform synthsr \
 	synthparc
 .PHONY: $(addprefix train-,$(TRAIN_TASKS))
@@ -102,7 +103,8 @@ TRAIN_TASKS := synthseg synthstrip synthstrip_nocsf synthmorph_affine synthmorph
 # did nothing for the phony train-synthseg.
 $(addprefix train-,$(TRAIN_TASKS)): train-%: install
 	$(PY) scripts/train.py --task $* --labels $(DATA)/label_maps --run runs/$* \
-	    --export models/$* $(if $(STEPS),--steps $(STEPS)) $(if $(INIT),--init $(INIT))
+	    --export models/$* $(if $(STEPS),--steps $(STEPS)) $(if $(INIT),--init $(INIT)) \
+	    $(if $(PRECISION),--precision $(PRECISION))
 
 # Both SynthMorph models (affine, then deformable); STEPS and INIT as above, INIT as a prefix
 # folder: INIT=models gives models/synthmorph_affine and models/synthmorph_deform.

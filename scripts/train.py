@@ -45,6 +45,11 @@ def main():
     p.add_argument('--average', type=int, default=0, metavar='K',
                    help='export the mean of the last K snapshots (weight averaging) instead '
                         'of the last checkpoint')
+    p.add_argument('--precision', choices=('float32', 'mixed_bfloat16', 'auto'),
+                   help="the networks' precision (TrainConfig.precision; default: the preset's, "
+                        "float32); auto: mixed_bfloat16 where the hardware computes bfloat16 "
+                        "natively (a GPU, or a CPU with AMX / AVX-512 BF16), else float32. A run "
+                        "keeps the precision it started with")
     p.add_argument('--init', help='start a new run from shipped weights PREFIX (e.g. '
                                   'models/synthseg), continuing their step count')
     args = p.parse_args()
@@ -56,6 +61,9 @@ def main():
         cfg.steps = args.steps
     for item in args.set:
         override(cfg, item, options)
+    if args.precision:
+        cfg.precision = args.precision if args.precision != 'auto' else \
+            ('mixed_bfloat16' if trainer.bfloat16_hardware() else 'float32')
     if args.checkpoint_minutes:
         cfg.checkpoint_minutes = args.checkpoint_minutes
     run = args.run or os.path.join('runs', args.task)

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 
+import keras
 import nibabel as nib
 import numpy as np
 import pytest
@@ -352,3 +353,31 @@ def test_widen_keeps_the_function_and_then_trains_the_new_channels(tiny_cfg, tmp
     head.load_weights(str(tmp_path / 'wide_out.weights.h5'))
     kernel = np.asarray(head.get_layer('head').kernel)
     assert np.abs(kernel[..., 4:, :]).max() > 0     # the added channels now reach the output
+
+
+def test_bfloat16_run_trains_resumes_and_exports_float32_weights(tiny_cfg, tmp_path):
+    """precision 'mixed_bfloat16': the network computes in bfloat16 (its head in float32), the
+    weights stay float32, the global policy is float32 again after the run (the generator and
+    inference never see bfloat16), the run resumes, the card names the precision, and the
+    exported weights load into a float32 network."""
+    cfg = TrainConfig(**{**tiny_cfg.__dict__, 'steps': 2, 'precision': 'mixed_bfloat16'})
+    run = str(tmp_path / 'run')
+    t = trainer.Trainer(cfg, run, progress=False)
+    model = t.run()
+    assert keras.config.dtype_policy().name == 'float32'
+    convs = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.Conv3D)]
+    assert {c.compute_dtype for c in convs if c.name != 'head'} == {'bfloat16'}
+    assert {c.dtype_policy.compute_dtype for c in convs if c.name == 'head'} == {'float32'}
+    assert all(w.dtype == 'float32' for w in model.trainable_weights)
+    cfg.steps = 3
+    trainer.Trainer(cfg, run, progress=False).run()              # resumes
+    rows = list(csv.DictReader(open(os.path.join(run, 'log.csv'))))
+    assert int(rows[-1]['step']) == 3 and all(np.isfinite(float(r['loss'])) for r in rows)
+    card = trainer.export(run, str(tmp_path / 'seg'))
+    assert card['training']['devices'][-1][2].endswith(', mixed_bfloat16')
+    net, _ = nets.load_unet(str(tmp_path / 'seg.weights.h5'), card)
+    assert net.compute_dtype == 'float32'
+    x = np.random.default_rng(0).random((1, 16, 16, 16, 1)).astype(np.float32)
+    assert np.isfinite(np.asarray(net.predict_on_batch(x))).all()
+    with pytest.raises(ValueError, match='precision'):
+        trainer.dtype_policy('float16')

@@ -86,7 +86,10 @@ def unet(cfg=None, shape=(None, None, None), name='unet'):
         x = layers.UpSampling3D(2, name='up%d' % level)(x)
         x = layers.Concatenate(name='skip%d' % level)([x, skips[level]])
         x = _conv_block(x, feats, cfg, 'dec%d' % level)
-    out = layers.Conv3D(cfg.out_channels, 1, activation=cfg.final_activation, name='head')(x)
+    # the head in float32 also under a mixed-precision policy (trainer.dtype_policy): softmax
+    # and a regression output keep their precision (bfloat16 has 8 bits of mantissa)
+    out = layers.Conv3D(cfg.out_channels, 1, activation=cfg.final_activation, name='head',
+                        dtype='float32')(x)
     return keras.Model(inp, out, name=name)
 
 

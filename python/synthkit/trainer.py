@@ -103,7 +103,20 @@ class Trainer:
                 signal.signal(sig, handler)
 
     def _run(self, max_minutes, workers):
+        # the networks are built (or reloaded) under the run's precision; the generator and
+        # anything built later stay float32
+        with dtype_policy(self.cfg.precision):
+            model, state, start = self._model()
         cfg = self.cfg
+        # where the steps were trained: [first step, last step, device] of earlier sessions,
+        # and this session's first step and device (each checkpoint extends it)
+        self._devices = state.get('devices') or []
+        self._earlier = state.get('earlier_validation') or []   # the INIT card's curve
+        self._session = (start, device_description(cfg.precision))
+        return self._loop(model, state, start, max_minutes, workers)
+
+    def _model(self):
+        """(model, state, first step): the checkpoint's, the INIT weights', or a new one."""
         state = self._state()
         start = state['step']
         if start > 0 and os.path.exists(self.ckpt):
@@ -123,11 +136,10 @@ class Trainer:
             print('starting %s from %s at step %d' % (self.run_dir, self.init, start), flush=True)
         else:
             model, start = self.task.build_model(), 0
-        # where the steps were trained: [first step, last step, device] of earlier sessions,
-        # and this session's first step and device (each checkpoint extends it)
-        self._devices = state.get('devices') or []
-        self._earlier = state.get('earlier_validation') or []   # the INIT card's curve
-        self._session = (start, device_description())
+        return model, state, start
+
+    def _loop(self, model, state, start, max_minutes, workers):
+        cfg = self.cfg
         if start >= cfg.steps:
             return model
         val = self.task.validation_set()
@@ -244,28 +256,69 @@ def average_snapshots(net, paths):
     return net
 
 
-def device_description():
-    """This machine as model cards name it: processor, CPU cores, Keras backend, and the
-    accelerator the backend uses, if any."""
-    text = '%s, %d CPU cores, Keras %s backend' % (platform.processor() or platform.machine(),
-                                                   os.cpu_count(), keras.backend.backend())
-    accelerator = None
+PRECISIONS = ('float32', 'mixed_bfloat16')
+
+
+class dtype_policy:
+    """``with dtype_policy('mixed_bfloat16'):`` Keras layers built inside compute in that
+    precision; the global policy before is restored after."""
+
+    def __init__(self, name):
+        if name not in PRECISIONS:
+            raise ValueError('precision must be one of %s, got %r' % (', '.join(PRECISIONS), name))
+        self.name = name
+
+    def __enter__(self):
+        self.old = keras.config.dtype_policy()
+        keras.config.set_dtype_policy(self.name)
+        return self
+
+    def __exit__(self, *exc):
+        keras.config.set_dtype_policy(self.old)
+
+
+def bfloat16_hardware():
+    """Whether this machine computes bfloat16 convolutions natively: a GPU, or a CPU with AMX
+    or AVX-512 BF16 (Linux's /proc/cpuinfo flags). Where not, bfloat16 is emulated and slower
+    than float32."""
+    if accelerator() is not None:
+        return True
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return 'amx_bf16' in flags or 'avx512_bf16' in flags
+
+
+def accelerator():
+    """The accelerator the Keras backend uses (its name), or None on the CPU."""
     try:
         backend = keras.backend.backend()
         if backend == 'jax':
             import jax
             dev = jax.devices()[0]
-            accelerator = None if dev.platform == 'cpu' else dev.device_kind
-        elif backend == 'torch':
+            return None if dev.platform == 'cpu' else dev.device_kind
+        if backend == 'torch':
             import torch
-            accelerator = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-        elif backend == 'tensorflow':
+            return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        if backend == 'tensorflow':
             import tensorflow as tf
             gpus = tf.config.list_physical_devices('GPU')
-            accelerator = '%d GPU(s)' % len(gpus) if gpus else None
+            return '%d GPU(s)' % len(gpus) if gpus else None
     except Exception:          # a description only: never fail a checkpoint over it
-        accelerator = None
-    return text + (', ' + accelerator if accelerator else '')
+        return None
+    return None
+
+
+def device_description(precision='float32'):
+    """This machine as model cards name it: processor, CPU cores, Keras backend, and the
+    accelerator the backend uses, if any (and the precision, when not float32)."""
+    text = '%s, %d CPU cores, Keras %s backend' % (platform.processor() or platform.machine(),
+                                                   os.cpu_count(), keras.backend.backend())
+    device = accelerator()
+    return text + (', ' + device if device else '') + \
+        ('' if precision == 'float32' else ', ' + precision)
 
 
 def merge_devices(devices):
