@@ -18,18 +18,9 @@ import time
 
 import numpy as np
 
+from benchlib import cpu_model
+
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-
-
-def cpu_model():
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_average():

@@ -4,6 +4,7 @@ command as its own process and measuring it, merging scores into a model card.""
 import glob
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -150,3 +151,16 @@ def mni152(cache):
     with zipfile.ZipFile(sorted(wheels)[-1]) as z:
         z.extract(MNI152, cache)
     return path
+
+
+def cpu_model():
+    """The processor's name (/proc/cpuinfo), for benchmark reports: timings differ between the
+    machines sessions get."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
