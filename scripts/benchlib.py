@@ -4,7 +4,6 @@ command as its own process and measuring it, merging scores into a model card.""
 import glob
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -154,13 +153,7 @@ def mni152(cache):
 
 
 def cpu_model():
-    """The processor's name (/proc/cpuinfo), for benchmark reports: timings differ between the
-    machines sessions get."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """The processor's name, for benchmark reports: timings differ between the machines
+    sessions get."""
+    from synthkit.trainer import processor_name
+    return processor_name()

@@ -311,11 +311,24 @@ def accelerator():
     return None
 
 
+def processor_name():
+    """The CPU's model name (Linux's /proc/cpuinfo), else what :mod:`platform` knows: sessions
+    get different machines, and their timings differ."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_description(precision='float32'):
     """This machine as model cards name it: processor, CPU cores, Keras backend, and the
     accelerator the backend uses, if any (and the precision, when not float32)."""
-    text = '%s, %d CPU cores, Keras %s backend' % (platform.processor() or platform.machine(),
-                                                   os.cpu_count(), keras.backend.backend())
+    text = '%s, %d CPU cores, Keras %s backend' % (processor_name(), os.cpu_count(),
+                                                   keras.backend.backend())
     device = accelerator()
     return text + (', ' + device if device else '') + \
         ('' if precision == 'float32' else ', ' + precision)
