@@ -41,9 +41,9 @@ class TrainConfig:
     task: str = 'synthseg'
     task_options: dict = dataclasses.field(default_factory=dict)
     # 'float32', or 'mixed_bfloat16': the networks compute in bfloat16 with float32 weights (the
-    # generator and the losses stay float32); on a CPU with AMX (e.g. Sapphire Rapids) a 3-D
-    # U-Net step is about twice as fast, on one without bfloat16 units slower: see
-    # trainer.bfloat16_hardware
+    # generator and the losses stay float32); on a 2-core CPU with AMX a 3-D U-Net training
+    # step took 0.43 s against 0.96 s, a whole SynthSR step 2.4 s against 3.4 s; on a CPU
+    # without bfloat16 units it is slower (docs/training.md; trainer.bfloat16_hardware)
     precision: str = 'float32'
 
     def to_dict(self):
