@@ -45,7 +45,7 @@ def main():
     p.add_argument('--average', type=int, default=0, metavar='K',
                    help='export the mean of the last K snapshots (weight averaging) instead '
                         'of the last checkpoint')
-    p.add_argument('--precision', choices=('float32', 'mixed_bfloat16', 'auto'),
+    p.add_argument('--precision', choices=trainer.PRECISIONS + ('auto',),
                    help="the networks' precision (TrainConfig.precision; default: the preset's, "
                         "float32); auto: mixed_bfloat16 where the hardware computes bfloat16 "
                         "natively (a GPU, or a CPU with AMX / AVX-512 BF16), else float32. A run "
