@@ -29,7 +29,7 @@ import numpy as np
 from synthkit import geometry, io, metrics
 from synthkit import labels as lab
 from synthkit.models.synthseg.inference import Segmenter
-from benchlib import cpu_model, measure, merge_card, tail, thick_slices
+from benchlib import cpu_model, precision_note, measure, merge_card, tail, thick_slices
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -164,7 +164,7 @@ def main():
     lines = ['# mri_synthseg benchmark', '',
              'Model: `%s` (%s steps). Data: ../shared/data/dev_eval. Machine: %d cores, %s.' % (
                  args.model or 'models/synthseg.weights.h5',
-                 seg.card.get('training', {}).get('steps', '?'), os.cpu_count(), cpu_model()), '',
+                 seg.card.get('training', {}).get('steps', '?'), os.cpu_count(), '%s, %s' % (cpu_model(), precision_note())), '',
              '| measure | value | target |', '| --- | --- | --- |',
              '| mean Dice, OASIS T1 x3 | %.3f | >= 0.85 |' % scores['oasis_mean_dice'],
              '| mean Dice, OASIS 1x1x5 mm thick slices | %.3f | >= 0.80 |'

@@ -30,7 +30,7 @@ import numpy as np
 from synthkit import geometry, io, metrics, qc
 from synthkit.models.synthseg.inference import Segmenter
 from synthkit.models.synthsr.inference import Synthesizer
-from benchlib import cpu_model, measure, merge_card, tail, thick_slices
+from benchlib import cpu_model, precision_note, measure, merge_card, tail, thick_slices
 from bench_synthseg import OASIS, fold, mean, on_grid, segment
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -222,7 +222,7 @@ def main():
                  sr.card.get('training', {}).get('steps', '?'),
                  args.seg_model or 'models/synthseg.weights.h5',
                  seg.card.get('training', {}).get('steps', '?'), len(rows), os.cpu_count(),
-                 cpu_model()), '',
+                 '%s, %s' % (cpu_model(), precision_note())), '',
              'Mean Dice against the FreeSurfer aseg of segmenting each version with mri_synthseg'
              ' (target for SynthSR: within 0.03 of the direct 1 mm segmentation, %.3f, and above'
              ' the direct segmentation of the same version):' % d1, '',

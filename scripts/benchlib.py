@@ -157,3 +157,13 @@ def cpu_model():
     sessions get."""
     from synthkit.trainer import processor_name
     return processor_name()
+
+
+def precision_note():
+    """How the networks computed (SYNTHKIT_PRECISION, default auto), for benchmark reports:
+    bfloat16 on CPUs that have it changes the timings."""
+    from synthkit.backend import inference_precision
+    name = inference_precision()
+    return 'networks in %s (SYNTHKIT_PRECISION=%s)' % (
+        'bfloat16' if name == 'mixed_bfloat16' else name,
+        os.environ.get('SYNTHKIT_PRECISION') or 'auto')

@@ -119,6 +119,40 @@ def test_flip_averaging_swaps_left_right_channels():
     assert np.allclose(out[:8, ..., 1], 1) and np.allclose(out[8:, ..., 2], 1)
 
 
+class NumpyFlip:
+    """A model behind a plain ``predict_on_batch``: predict_tiled mirrors its tiles with numpy
+    (the path of models that are neither Keras models nor wrappers of one)."""
+
+    def __init__(self, inner):
+        self.inner, self.output_shape = inner, inner.output_shape
+
+    def predict_on_batch(self, x):
+        return np.asarray(self.inner.predict_on_batch(np.asarray(x, np.float32)))
+
+
+@pytest.mark.parametrize('wrap', [False, True])
+def test_flip_averaging_in_the_graph_matches_numpy_flips(wrap):
+    """A Keras model (or an ImageStatistics wrapper of one) is flip-averaged in one compiled
+    graph (cast, mirror, channel permutations of input and output inside it), float16 tiles
+    going in as they are; the result is the numpy path's."""
+    cfg = nets.UNetConfig(in_channels=3, out_channels=3, features=4, levels=2,
+                          convs_per_level=1, final_activation='softmax')
+    net = seeded(nets.unet(cfg), 5)
+    model = nets.ImageStatistics(net) if wrap else net
+    x = np.random.default_rng(3).random((32, 24, 16, 3)).astype(np.float32)
+    flip = (0, [0, 2, 1], [1, 0, 2])
+    fused = predict.predict_tiled(model, x, tile=16, overlap=8, divisor=8, flip=flip)
+    assert predict._flip_program(model, flip) is not None
+    assert predict._flip_program(NumpyFlip(model), flip) is None
+    plain = predict.predict_tiled(NumpyFlip(model), x, tile=16, overlap=8, divisor=8, flip=flip)
+    np.testing.assert_allclose(fused, plain, atol=1e-5)
+    unflipped = predict.predict_tiled(model, x, tile=16, overlap=8, divisor=8)
+    assert np.abs(unflipped - fused).max() > 1e-3           # the mirrored pass counted
+    half = predict.predict_tiled(model, x.astype(np.float16), tile=16, overlap=8, divisor=8,
+                                 flip=flip)
+    np.testing.assert_allclose(half, fused, atol=2e-3)
+
+
 def test_postprocess_removes_islands_and_renormalizes():
     shape = (24, 24, 24)
     post = np.zeros(shape + (len(LABELS),), np.float32)
@@ -683,3 +717,45 @@ def test_cli_disable_intensity_model(tmp_path, models_env, capsys, intensity_cal
                            '--o', str(tmp_path / ('a%d.mgz' % len(flags)))] + flags)
         assert e.value.code == 0, capsys.readouterr().err
         assert bool(calls) == (not flags)          # on by default
+
+
+def test_inference_precision_names(monkeypatch):
+    """SYNTHKIT_PRECISION: float32, bfloat16 (= mixed_bfloat16), or auto (bfloat16 only where
+    the hardware has it); anything else is a one-line error naming the variable."""
+    from synthkit import backend
+    monkeypatch.setenv('SYNTHKIT_PRECISION', 'bfloat16')
+    assert backend.inference_precision() == 'mixed_bfloat16'
+    assert backend.inference_precision('float32') == 'float32'
+    monkeypatch.setenv('SYNTHKIT_PRECISION', ' Float32 ')
+    assert backend.inference_precision() == 'float32'
+    for hardware, expected in ((True, 'mixed_bfloat16'), (False, 'float32')):
+        monkeypatch.setattr(backend, 'bfloat16_hardware', lambda: hardware)
+        assert backend.inference_precision('auto') == expected
+        monkeypatch.delenv('SYNTHKIT_PRECISION')
+        assert backend.inference_precision() == expected
+        monkeypatch.setenv('SYNTHKIT_PRECISION', 'float32')
+    monkeypatch.setenv('SYNTHKIT_PRECISION', 'float16')
+    with pytest.raises(ValueError, match='SYNTHKIT_PRECISION'):
+        backend.inference_precision()
+
+
+def test_bfloat16_inference_matches_float32(models_env, tmp_path):
+    """A Segmenter in bfloat16 computes its convolutions in bfloat16 (the softmax head in
+    float32) with the same float32 weights, leaves the global policy float32, gives posteriors
+    within bfloat16's rounding of float32's, and segments a scan end to end."""
+    import keras
+    full = inference.Segmenter(precision='float32')
+    half = inference.Segmenter(precision='bfloat16')
+    assert keras.config.dtype_policy().name == 'float32'
+    convs = [c for c in half.model._flatten_layers() if isinstance(c, keras.layers.Conv3D)]
+    assert {c.compute_dtype for c in convs if c.name != 'head'} == {'bfloat16'}
+    assert {c.dtype_policy.compute_dtype for c in convs if c.name == 'head'} == {'float32'}
+    assert all(w.dtype == 'float32' for w in half.model.weights)
+    x = np.random.default_rng(1).random((1, 32, 32, 32, 1)).astype(np.float32)
+    a = np.asarray(full.model.predict_on_batch(x))
+    b = np.asarray(half.model.predict_on_batch(x))
+    assert b.dtype == np.float32 and np.abs(a - b).max() < 0.02
+    assert np.abs(a - b).max() > 0                       # it did compute in another precision
+    data, affine = _phantom(tmp_path / 'scan.nii.gz')
+    result = half.segment(data, affine)
+    assert set(np.unique(result.hard)) <= set(LABELS)

@@ -1,4 +1,5 @@
-"""What differs between the Keras backends, in one place: compiling a function.
+"""What differs between the Keras backends and machines, in one place: compiling a function, and
+the precision networks compute in.
 
 Model code is written with ``keras.ops`` and runs unchanged on TensorFlow, JAX and PyTorch; only
 turning a Python function into a compiled program is backend-specific. On TensorFlow that is a
@@ -82,3 +83,110 @@ def predictor(model, training=False):
                       input_signature=signature)
         setattr(model, attr, fn)
     return fn
+
+
+
+def flip_predictor(model, axis, out_perm, in_perm=None, training=False):
+    """``x -> (model(x) + mirror(model(mirror_in(x)))) / 2`` as one TensorFlow graph, made once
+    per flip and kept on the model, or None on the other backends: ``x`` (1, X, Y, Z, K) of any
+    float dtype (float16 tiles go in as they are), mirrored along spatial ``axis`` (0-2) with
+    its channels taken in ``in_perm`` order (if given), the mirrored prediction flipped back and
+    its channels taken in ``out_perm`` order (left/right labels swapped). The cast, the flips
+    and the channel permutations run inside the graph, on all threads, instead of as numpy
+    copies of the tile; the mirrored pass starts after the first (peak memory of one pass)."""
+    if keras.backend.backend() != 'tensorflow':
+        return None
+    import tensorflow as tf
+    key = (int(axis), tuple(int(i) for i in out_perm),
+           None if in_perm is None else tuple(int(i) for i in in_perm), bool(training))
+    cache = getattr(model, '_synthkit_flip', None)
+    if cache is None:
+        cache = {}
+        setattr(model, '_synthkit_flip', cache)
+    if key not in cache:
+        ax, out_idx, in_idx, train = key
+
+        def fn(x):
+            x = tf.cast(x, 'float32')
+            a = tf.cast(model(x, training=train), 'float32')
+            with tf.control_dependencies([a]):
+                m = tf.reverse(x, [ax + 1])
+            if in_idx is not None:
+                m = tf.gather(m, in_idx, axis=-1)
+            b = tf.reverse(tf.cast(model(m, training=train), 'float32'), [ax + 1])
+            return (a + tf.gather(b, out_idx, axis=-1)) * 0.5
+        cache[key] = tf.function(fn, reduce_retracing=True)
+    return cache[key]
+
+PRECISIONS = ('float32', 'mixed_bfloat16')
+
+
+class dtype_policy:
+    """``with dtype_policy('mixed_bfloat16'):`` Keras layers built inside compute in that
+    precision; the global policy before is restored after."""
+
+    def __init__(self, name):
+        if name not in PRECISIONS:
+            raise ValueError('precision must be one of %s, got %r' % (', '.join(PRECISIONS), name))
+        self.name = name
+
+    def __enter__(self):
+        self.old = keras.config.dtype_policy()
+        keras.config.set_dtype_policy(self.name)
+        return self
+
+    def __exit__(self, *exc):
+        keras.config.set_dtype_policy(self.old)
+
+
+def bfloat16_hardware():
+    """Whether this machine computes bfloat16 convolutions natively: a GPU, or a CPU with AMX
+    or AVX-512 BF16 (Linux's /proc/cpuinfo flags). Where not, bfloat16 is emulated and slower
+    than float32."""
+    if accelerator() is not None:
+        return True
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return 'amx_bf16' in flags or 'avx512_bf16' in flags
+
+
+#: the names SYNTHKIT_PRECISION takes (bfloat16 is short for mixed_bfloat16)
+INFERENCE_PRECISIONS = ('auto', 'float32', 'bfloat16', 'mixed_bfloat16')
+
+
+def inference_precision(name=None):
+    """The precision the shipped networks compute in at inference: ``name`` or else the
+    environment variable SYNTHKIT_PRECISION, one of :data:`INFERENCE_PRECISIONS`; 'auto' (the
+    default) is mixed_bfloat16 where the hardware computes bfloat16 natively
+    (:func:`bfloat16_hardware`), else float32. Weights stay float32 and each network's head
+    computes in float32 (nets.unet); docs/training.md has what it changes."""
+    name = (name or os.environ.get('SYNTHKIT_PRECISION') or 'auto').strip().lower()
+    if name not in INFERENCE_PRECISIONS:
+        raise ValueError('SYNTHKIT_PRECISION must be one of %s, got %r'
+                         % (', '.join(INFERENCE_PRECISIONS), name))
+    if name == 'auto':
+        return 'mixed_bfloat16' if bfloat16_hardware() else 'float32'
+    return 'mixed_bfloat16' if name == 'bfloat16' else name
+
+
+def accelerator():
+    """The accelerator the Keras backend uses (its name), or None on the CPU."""
+    try:
+        backend = keras.backend.backend()
+        if backend == 'jax':
+            import jax
+            dev = jax.devices()[0]
+            return None if dev.platform == 'cpu' else dev.device_kind
+        if backend == 'torch':
+            import torch
+            return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        if backend == 'tensorflow':
+            import tensorflow as tf
+            gpus = tf.config.list_physical_devices('GPU')
+            return '%d GPU(s)' % len(gpus) if gpus else None
+    except Exception:          # a description only: never fail a checkpoint over it
+        return None
+    return None

@@ -157,6 +157,9 @@ class ImageStatistics:
     ``output_shape`` like a Keras model.
     """
 
+    #: how the wrapped model is called (for :func:`synthkit.backend.flip_predictor`)
+    training = True
+
     def __init__(self, model):
         self.model = model
         self.output_shape = model.output_shape
@@ -177,13 +180,16 @@ def load_weights(model, path):
         raise ValueError('%s: cannot load these weights (%s)' % (path, text)) from None
 
 
-def load_unet(weights, card):
+def load_unet(weights, card, precision='float32'):
     """Build the U-Net a model card describes and load ``weights`` into it: (model, config).
+    ``precision``: the Keras dtype policy it computes in (weights stay float32; see
+    :func:`synthkit.backend.inference_precision`).
 
     When the card's ``input.norm_statistics`` is ``'image'`` the model normalizes with each
     input's own statistics (see :class:`ImageStatistics`)."""
     cfg = UNetConfig.from_dict(card['architecture'])
-    model = unet(cfg)
+    with backend.dtype_policy(precision):
+        model = unet(cfg)
     load_weights(model, weights)
     if card.get('input', {}).get('norm_statistics') == 'image':
         model = ImageStatistics(model)

@@ -88,6 +88,11 @@ def _predict_one(model, x, flip=None, empty=0):
         else:
             pred[..., empty] = 1
         return pred
+    if flip is not None:
+        program = _flip_program(model, flip)
+        if program is not None:
+            patch = x[None] if x.ndim == 4 else x[None, ..., None]
+            return _writable(program(np.ascontiguousarray(patch))[0])
     patch = np.ascontiguousarray(x, np.float32)
     patch = patch[None] if x.ndim == 4 else patch[None, ..., None]
     pred = _writable(model.predict_on_batch(patch)[0])
@@ -105,6 +110,20 @@ def _predict_one(model, x, flip=None, empty=0):
         del mirrored
         pred *= 0.5
     return pred
+
+
+def _flip_program(model, flip):
+    """The compiled flip-averaged prediction of ``model`` (a Keras model, or a wrapper with
+    ``model`` and ``training``: :class:`synthkit.nets.ImageStatistics`) for ``flip``, or None
+    (another kind of model, or not the TensorFlow backend): then numpy flips the tile."""
+    import keras
+    net, training = (model, False) if isinstance(model, keras.Model) else \
+        (getattr(model, 'model', None), getattr(model, 'training', None))
+    if not isinstance(net, keras.Model) or training is None:
+        return None
+    from .backend import flip_predictor
+    in_perm = flip[2] if len(flip) > 2 else None
+    return flip_predictor(net, flip[0], flip[1], in_perm, training)
 
 
 def _writable(a):

@@ -28,7 +28,7 @@ import time
 import keras
 import numpy as np
 
-from . import models, nets
+from . import backend, models, nets
 from .task import TrainConfig, override  # noqa: F401  (the names training scripts use)
 
 
@@ -256,59 +256,9 @@ def average_snapshots(net, paths):
     return net
 
 
-PRECISIONS = ('float32', 'mixed_bfloat16')
-
-
-class dtype_policy:
-    """``with dtype_policy('mixed_bfloat16'):`` Keras layers built inside compute in that
-    precision; the global policy before is restored after."""
-
-    def __init__(self, name):
-        if name not in PRECISIONS:
-            raise ValueError('precision must be one of %s, got %r' % (', '.join(PRECISIONS), name))
-        self.name = name
-
-    def __enter__(self):
-        self.old = keras.config.dtype_policy()
-        keras.config.set_dtype_policy(self.name)
-        return self
-
-    def __exit__(self, *exc):
-        keras.config.set_dtype_policy(self.old)
-
-
-def bfloat16_hardware():
-    """Whether this machine computes bfloat16 convolutions natively: a GPU, or a CPU with AMX
-    or AVX-512 BF16 (Linux's /proc/cpuinfo flags). Where not, bfloat16 is emulated and slower
-    than float32."""
-    if accelerator() is not None:
-        return True
-    try:
-        with open('/proc/cpuinfo') as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return 'amx_bf16' in flags or 'avx512_bf16' in flags
-
-
-def accelerator():
-    """The accelerator the Keras backend uses (its name), or None on the CPU."""
-    try:
-        backend = keras.backend.backend()
-        if backend == 'jax':
-            import jax
-            dev = jax.devices()[0]
-            return None if dev.platform == 'cpu' else dev.device_kind
-        if backend == 'torch':
-            import torch
-            return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-        if backend == 'tensorflow':
-            import tensorflow as tf
-            gpus = tf.config.list_physical_devices('GPU')
-            return '%d GPU(s)' % len(gpus) if gpus else None
-    except Exception:          # a description only: never fail a checkpoint over it
-        return None
-    return None
+# the precision helpers live in backend (inference uses them too); their names here as before
+PRECISIONS, dtype_policy = backend.PRECISIONS, backend.dtype_policy
+bfloat16_hardware, accelerator = backend.bfloat16_hardware, backend.accelerator
 
 
 def processor_name():

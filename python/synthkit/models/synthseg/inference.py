@@ -4,7 +4,7 @@
 import numpy as np
 from scipy import ndimage
 
-from ... import geometry, nets, predict
+from ... import backend, geometry, nets, predict
 from ... import labels as lab
 from ...cli import common
 from ...predict import largest_component
@@ -78,12 +78,14 @@ def content_box(data, divisor=8, margin=8):
 class Segmenter:
     """The loaded network and how to segment one scan with it."""
 
-    def __init__(self, weights=None, card=None):
+    def __init__(self, weights=None, card=None, precision=None):
         """``weights``: a ``.weights.h5`` path (default: the shipped model); ``card``: its
-        model card, if already read."""
+        model card, if already read; ``precision``: the network's (default: SYNTHKIT_PRECISION,
+        see :func:`synthkit.backend.inference_precision`)."""
         path, card = (weights, card) if card is not None else \
             common.find_model('synthseg', weights)
-        self.model, self.cfg = nets.load_unet(path, card)
+        self.precision = backend.inference_precision(precision)
+        self.model, self.cfg = nets.load_unet(path, card, self.precision)
         self.labels = tuple(card['output_labels'])
         self.voxsize = float(card['input'].get('voxsize_mm', 1.0))
         self.card = card

@@ -9,7 +9,7 @@ refined posteriors'."""
 import numpy as np
 from scipy import ndimage
 
-from ... import geometry, nets, predict
+from ... import backend, geometry, nets, predict
 from ...cli import common
 from ...labels import SEGMENTATION_LABELS, lr_swap_table
 from ..synthseg.inference import content_box
@@ -45,24 +45,26 @@ class Synthesizer:
     #: posteriors repeated to 1 mm (how models trained without ``refine_input`` saw them)
     refine = True
 
-    def __init__(self, weights=None, card=None, seg_model=None):
+    def __init__(self, weights=None, card=None, seg_model=None, precision=None):
         """``seg_model``: the SynthSeg weights whose pipeline gives the posteriors with
         :attr:`refine` (default: the shipped model), or a loaded
-        :class:`synthkit.models.synthseg.inference.Segmenter`."""
+        :class:`synthkit.models.synthseg.inference.Segmenter`; ``precision``: the networks'
+        (default: SYNTHKIT_PRECISION, see :func:`synthkit.backend.inference_precision`)."""
         path, card = (weights, card) if card is not None else \
             common.find_model('synthsr', weights)
+        self.precision = backend.inference_precision(precision)
         self.seg_model, self._pipeline = seg_model, None
         self.segmenter = None
         if card['architecture']['type'] == 'synthsr_hybrid':
             from .task import load_hybrid
-            hybrid, self.divisor = load_hybrid(path, card['architecture'])
+            hybrid, self.divisor = load_hybrid(path, card['architecture'], self.precision)
             # run apart: the segmenter once on the whole image (its batch norm on the whole
             # image's statistics, as mri_synthseg runs it: per-tile statistics show as seams),
             # the U-Net in tiles on the image and those posteriors
             self.segmenter = hybrid.get_layer('frozen_synthseg')
             self.model = hybrid.get_layer('sr_core')
         else:
-            self.model, cfg = nets.load_unet(path, card)
+            self.model, cfg = nets.load_unet(path, card, self.precision)
             self.divisor = cfg.divisor
         self.card = card
 
@@ -71,7 +73,8 @@ class Synthesizer:
         if self._pipeline is None:
             from ..synthseg.inference import Segmenter
             seg = self.seg_model
-            self._pipeline = seg if isinstance(seg, Segmenter) else Segmenter(seg)
+            self._pipeline = seg if isinstance(seg, Segmenter) else \
+                Segmenter(seg, precision=self.precision)
             if tuple(self._pipeline.labels) != tuple(SEGMENTATION_LABELS):
                 raise ValueError('the SynthSeg model gives other labels than the SynthSR '
                                  'network was trained on')

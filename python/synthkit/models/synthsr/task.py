@@ -26,7 +26,7 @@ from keras import ops
 from scipy import ndimage
 
 from ... import labels as lab
-from ... import losses, nets
+from ... import backend, losses, nets
 from ... import generator as gen
 from ...task import Options, Task, TrainConfig, resolve_subject, subjects_beside
 
@@ -358,15 +358,17 @@ def hybrid_network(cfg, segmenter, name='synthsr_unet', refine=False):
     return keras.Model(inp, out, name=name)
 
 
-def load_hybrid(weights, architecture):
+def load_hybrid(weights, architecture, precision='float32'):
     """The exported hybrid network of a model card's ``architecture`` (type
-    ``synthsr_hybrid``) with ``weights``: (model, input divisor)."""
+    ``synthsr_hybrid``) with ``weights``: (model, input divisor). ``precision``: the Keras
+    dtype policy it computes in (weights stay float32)."""
     seg_cfg = nets.UNetConfig.from_dict(architecture['segmenter'])
-    seg = nets.unet(seg_cfg, name='frozen_synthseg')
-    if architecture.get('segmenter_norm_statistics') == 'image':
-        _image_statistics(seg)       # before loading: the weights file names the classes
-    model = hybrid_network(nets.UNetConfig.from_dict(architecture['unet']), seg,
-                           refine=bool(architecture.get('refine_input')))
+    with backend.dtype_policy(precision):
+        seg = nets.unet(seg_cfg, name='frozen_synthseg')
+        if architecture.get('segmenter_norm_statistics') == 'image':
+            _image_statistics(seg)       # before loading: the weights file names the classes
+        model = hybrid_network(nets.UNetConfig.from_dict(architecture['unet']), seg,
+                               refine=bool(architecture.get('refine_input')))
     nets.load_weights(model, weights)
     return model, 2 * seg_cfg.divisor
 
