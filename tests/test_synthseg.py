@@ -432,7 +432,10 @@ def test_oracle_posteriors_come_back_to_1mm_in_place(voxsize, orientation):
     assert worst < 0.25, offsets
 
 
-def test_upsampling_in_slabs_matches_resampling_the_whole_box():
+@pytest.mark.parametrize('threads', ['1', '3'])
+def test_upsampling_in_slabs_matches_resampling_the_whole_box(threads, monkeypatch):
+    """Slab by slab (made ahead by OMP_NUM_THREADS threads, given in order) = the whole box."""
+    monkeypatch.setenv('OMP_NUM_THREADS', threads)
     rng = np.random.default_rng(0)
     post = rng.random((30, 34, 28, 5)).astype(np.float32)
     post /= post.sum(-1, keepdims=True)
@@ -455,6 +458,31 @@ def test_upsampling_in_slabs_matches_resampling_the_whole_box():
         planes.append(part.shape[2])                # slabs along the last axis
     assert max(planes) <= 7 and len(planes) > 3
     assert np.abs(got - expected).max() < 1e-5
+
+
+def test_work_ahead_keeps_order_bounds_lookahead_and_stops_with_its_consumer():
+    import threading
+    import time
+    lock, live, peak, started = threading.Lock(), [0], [0], []
+
+    def work(i):
+        with lock:
+            started.append(i)
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+        time.sleep(0.01 * (i % 3))                  # finishing out of order
+        with lock:
+            live[0] -= 1
+        return i * i
+
+    assert list(predict._ahead(work, list(range(12)), 3)) == [i * i for i in range(12)]
+    assert peak[0] <= 3
+    assert list(predict._ahead(work, list(range(5)), 1)) == [i * i for i in range(5)]
+    started.clear()
+    gen = predict._ahead(work, list(range(50)), 2)
+    assert next(gen) == 0
+    gen.close()                                     # the consumer stops: the rest is not run
+    assert len(started) <= 4
 
 
 def test_upsampling_two_grids_averages_them_where_both_reach():

@@ -1,6 +1,8 @@
 """Running trained networks on whole scans: tiled prediction with left/right flip averaging,
 and moving network-grid outputs to the output grid."""
 
+import os
+
 import numpy as np
 from scipy import ndimage
 
@@ -211,8 +213,8 @@ def upsample_slabs(post, box, src_affine, dst_shape, dst_affine, slab=16, bg_cha
     lo = np.min([g.lo for g in grids], axis=0)
     hi = np.max([g.hi for g in grids], axis=0)
     channels = grids[0].post.shape[-1]
-    for z in range(lo[2], hi[2], slab):
-        region = (lo[0], lo[1], z), (hi[0], hi[1], min(z + slab, hi[2]))
+
+    def make(region):
         out = np.zeros(tuple(np.subtract(region[1], region[0])) + (channels,), np.float32)
         for g in grids:
             g.add(out, *region)
@@ -221,7 +223,45 @@ def upsample_slabs(post, box, src_affine, dst_shape, dst_affine, slab=16, bg_cha
         out[outside, bg_channel] = 1
         total[outside] = 1
         out /= total
-        yield tuple(slice(a, b) for a, b in zip(*region)), out
+        return tuple(slice(a, b) for a, b in zip(*region)), out
+
+    regions = [((lo[0], lo[1], z), (hi[0], hi[1], min(z + slab, hi[2])))
+               for z in range(lo[2], hi[2], slab)]
+    yield from _ahead(make, regions, _threads())
+
+
+def _threads():
+    """The threads numpy work may use: OMP_NUM_THREADS (the tools' --threads sets it), else
+    the CPU count, at most 4."""
+    try:
+        n = int(os.environ.get('OMP_NUM_THREADS') or os.cpu_count() or 1)
+    except ValueError:
+        n = os.cpu_count() or 1
+    return max(1, min(n, 4))
+
+
+def _ahead(fn, items, threads):
+    """``fn(item)`` for each item, in order, computed by ``threads`` threads at most
+    ``threads`` items ahead of the consumer (numpy releases the GIL in its array loops, so
+    slabs are made while the consumer works on the one before); one thread: in the caller's."""
+    if threads <= 1 or len(items) <= 1:
+        for item in items:
+            yield fn(item)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(threads) as pool:
+        pending = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) > threads:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:                      # a consumer that stops early: no work left running
+            for f in pending:
+                f.cancel()
 
 
 class _CoarseGrid:
