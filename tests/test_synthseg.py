@@ -476,7 +476,7 @@ def test_work_ahead_keeps_order_bounds_lookahead_and_stops_with_its_consumer():
         return i * i
 
     assert list(predict._ahead(work, list(range(12)), 3)) == [i * i for i in range(12)]
-    assert peak[0] <= 3
+    assert peak[0] <= 2                             # threads - 1 workers
     assert list(predict._ahead(work, list(range(5)), 1)) == [i * i for i in range(5)]
     started.clear()
     gen = predict._ahead(work, list(range(50)), 2)
