@@ -85,7 +85,6 @@ def predictor(model, training=False):
     return fn
 
 
-
 def flip_predictor(model, axis, out_perm, in_perm=None, training=False):
     """``x -> (model(x) + mirror(model(mirror_in(x)))) / 2`` as one TensorFlow graph, made once
     per flip and kept on the model, or None on the other backends: ``x`` (1, X, Y, Z, K) of any
@@ -117,6 +116,7 @@ def flip_predictor(model, axis, out_perm, in_perm=None, training=False):
             return (a + tf.gather(b, out_idx, axis=-1)) * 0.5
         cache[key] = tf.function(fn, reduce_retracing=True)
     return cache[key]
+
 
 PRECISIONS = ('float32', 'mixed_bfloat16')
 
