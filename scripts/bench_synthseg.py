@@ -63,7 +63,8 @@ def ixi_consistency(seg, data, labels):
     """ixi002's T1 and T2 segmented apart: per-label Dice between the two in world space (as
     the scanner placed them), and after a rigid registration of the T2 to the T1 by
     mri_synthmorph (images only, the segmentations play no part: the head may move between
-    the two acquisitions); and that registration's (rotation degrees, translation mm)."""
+    the two acquisitions); and that registration's size (its rotation in degrees, and how far
+    it moves the centre of the T1's brain, in mm)."""
     from synthkit.cli import common
     from synthkit.models.synthmorph.inference import Registrar
     ixi = os.path.join(data, 'ixi002')
@@ -73,7 +74,6 @@ def ixi_consistency(seg, data, labels):
     h1, a1 = segment(seg, d1, t1.affine)
     h2, a2 = segment(seg, d2, t2.affine)
     reg = Registrar(common.find_model('synthmorph_affine', None))
-    # (rotation angle, displacement of the brain's centre) of the registration
     matrix = reg.affine((d2, t2.affine), (d1, t1.affine), rigid=True, check='refine')
     angle = np.degrees(np.arccos(np.clip((np.trace(matrix[:3, :3]) - 1) / 2, -1, 1)))
     centre = a1 @ np.append(np.argwhere(h1 > 0).mean(0), 1)      # the brain's, world mm
