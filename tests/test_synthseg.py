@@ -685,6 +685,32 @@ def test_intensity_model_leaves_labels_without_enough_voxels_as_they_were():
     np.testing.assert_array_equal(empty.apply(post, image), post)
 
 
+def test_intensity_model_table_matches_each_voxels_likelihood():
+    """apply's table of likelihoods (the nearest of table_bins intensities) gives each voxel's
+    own (exact=True) to 1e-3, for narrow Gaussians (the smallest standard deviation) spread over
+    the intensity range, an unfitted label among them; the background stays the network's."""
+    rng = np.random.default_rng(4)
+    c = 12
+    means = np.linspace(0.05, 0.95, c - 1)
+    truth = rng.integers(1, c, (30, 30, 30))
+    image = (means[truth - 1] + rng.normal(0, 0.03, truth.shape)).astype(np.float32)
+    logits = rng.normal(0, 1.5, truth.shape + (c,)) + 5 * np.eye(c)[truth]
+    logits[..., c - 1] -= 9                                  # too faint to be fitted
+    post = np.exp(logits)
+    post[:3] = np.eye(c)[0]                                  # background
+    post = (post / post.sum(-1, keepdims=True)).astype(np.float32)
+    model = inference.IntensityModel(c, bg=0)
+    model.fit(image, post)
+    mean, var, fitted = model.parameters()
+    assert not fitted[c - 1] and fitted[1:c - 1].all()
+    assert np.sqrt(var[fitted]).min() < 0.06
+    table, exact = model.apply(post, image), model.apply(post, image, exact=True)
+    assert np.abs(exact - post).max() > 0.5                  # the model does something
+    np.testing.assert_allclose(table, exact, atol=1e-3)
+    assert (table.argmax(-1) == exact.argmax(-1)).mean() > 0.999
+    np.testing.assert_array_equal(table[..., 0], post[..., 0])
+
+
 @pytest.fixture
 def intensity_calls(monkeypatch):
     """The shapes IntensityModel.apply is called with (a spy)."""

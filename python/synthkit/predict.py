@@ -170,25 +170,21 @@ def resample_box(post, box, src_affine, dst_shape, dst_affine):
     return out, tuple(slice(a, b) for a, b in zip(lo, hi))
 
 
-def _axis_weights(n_dst, n_src, scale, offset):
-    """(i0, i1, w0, w1): destination voxel j of an axis lies at source voxel p = scale * j +
-    offset, between i0 = floor(p) and i1 = i0 + 1 with linear weights w0, w1; positions beyond
-    the source's first and last voxel centres get zero weights (``ndimage``'s 'constant' mode)."""
+def _axis_matrix(n_dst, n_src, scale, offset):
+    """The (n_dst, n_src) float32 matrix of linear interpolation along one axis: destination
+    voxel j lies at source voxel p = scale * j + offset, between floor(p) and floor(p) + 1 with
+    linear weights; positions beyond the source's first and last voxel centres get zero rows
+    (``ndimage``'s 'constant' mode). Dense, for BLAS: each axis is one matrix product, and
+    upsample_slabs took half the time it did gathering the two neighbours of each voxel."""
     p = scale * np.arange(n_dst) + offset
     i0 = np.floor(p).astype(int)
-    f = (p - i0).astype(np.float32)
-    w0, w1 = 1 - f, f
-    outside = (p < -1e-6) | (p > n_src - 1 + 1e-6)
-    w0[outside] = 0
-    w1[outside] = 0
-    return np.clip(i0, 0, n_src - 1), np.clip(i0 + 1, 0, n_src - 1), w0, w1
-
-
-def _interp_axis(x, axis, idx0, idx1, w0, w1):
-    shape = [1] * x.ndim
-    shape[axis] = -1
-    return (np.take(x, idx0, axis=axis) * w0.reshape(shape)
-            + np.take(x, idx1, axis=axis) * w1.reshape(shape))
+    f = p - i0
+    inside = (p >= -1e-6) & (p <= n_src - 1 + 1e-6)
+    m = np.zeros((n_dst, n_src), np.float64)
+    rows = np.arange(n_dst)[inside]
+    np.add.at(m, (rows, np.clip(i0[inside], 0, n_src - 1)), 1 - f[inside])
+    np.add.at(m, (rows, np.clip(i0[inside] + 1, 0, n_src - 1)), f[inside])
+    return m.astype(np.float32)
 
 
 def upsample_slabs(post, box, src_affine, dst_shape, dst_affine, slab=16, bg_channel=0):
@@ -290,7 +286,7 @@ class _CoarseGrid:
                 return
             lo[a], hi[a] = inside[0], inside[-1] + 1
         self.lo, self.hi = lo, hi
-        self.weights = [_axis_weights(hi[a] - lo[a], self.post.shape[a], scale[a],
+        self.matrices = [_axis_matrix(hi[a] - lo[a], self.post.shape[a], scale[a],
                                       offset[a] + scale[a] * lo[a]) for a in range(3)]
 
     def add(self, out, region_lo, region_hi):
@@ -300,15 +296,18 @@ class _CoarseGrid:
         b = np.minimum(self.hi, region_hi)
         if np.any(b <= a):
             return
-        own = [slice(a[k] - self.lo[k], b[k] - self.lo[k]) for k in range(3)]
-        w = [tuple(x[own[k]] for x in self.weights[k]) for k in range(3)]
-        idx0, idx1, w0, w1 = w[2]
-        first, last = idx0.min(), idx1.max() + 1             # the coarse planes needed
-        inner = _interp_axis(self.post[:, :, first:last].astype(np.float32), 0, *w[0])
-        inner = _interp_axis(inner, 1, *w[1])
-        part = inner[:, :, idx0 - first] * w0[:, None] + inner[:, :, idx1 - first] * w1[:, None]
+        m = [self.matrices[k][a[k] - self.lo[k]:b[k] - self.lo[k]] for k in range(3)]
+        needed = np.flatnonzero(m[2].any(0))                  # the coarse planes needed
+        first, last = (needed[0], needed[-1] + 1) if needed.size else (0, 1)
+        # the coarse planes first (a few, the matrix products' leading axis), then x, then y;
+        # x: (z, x, y, C)
+        x = np.array(np.moveaxis(self.post[:, :, first:last], 2, 0), np.float32, order='C')
+        nz, nx, ny, c = len(m[2]), len(m[0]), len(m[1]), x.shape[-1]
+        part = (m[2][:, first:last] @ x.reshape(last - first, -1)).reshape(nz, x.shape[1], -1)
+        part = np.matmul(m[0], part)                                     # (z, x', y * C)
+        part = np.matmul(m[1], part.reshape(nz * nx, x.shape[2], c))     # (z * x', y', C)
         dst = tuple(slice(a[k] - region_lo[k], b[k] - region_lo[k]) for k in range(3))
-        out[dst] += part
+        out[dst] += part.reshape(nz, nx, ny, c).transpose(1, 2, 0, 3)
 
 
 def largest_component(mask):

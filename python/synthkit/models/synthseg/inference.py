@@ -286,34 +286,54 @@ class IntensityModel:
         var = np.where(fitted, s2 / np.maximum(n, 1e-12) - mean ** 2, 1.0)
         return mean, np.maximum(var, self.min_var), fitted
 
-    def apply(self, post, image):
+    #: intensities per table of likelihoods in :meth:`apply`: a Gaussian's likelihood changes
+    #: by under 1 % across one bin (of 1/8191 of the slab's intensity range, for standard
+    #: deviations down to ``min_std``), posteriors by under 1e-3 (tests)
+    table_bins = 8192
+
+    def _loglik(self, x, mean, var, fitted):
+        """Log-likelihoods (..., C) of intensities x (..., 1), each row's largest 0, background
+        -inf; unfitted brain labels get the fitted ones' average."""
+        loglik = (x - mean) ** 2 * (-0.5 / var) - 0.5 * np.log(var)
+        if not fitted.all():       # unfitted brain labels: as likely as the average fitted one
+            fit = np.flatnonzero(fitted)
+            loglik[..., ~fitted] = loglik[..., fit].mean(-1, keepdims=True)
+        loglik[..., self.bg] = -np.inf
+        loglik -= loglik.max(-1, keepdims=True)
+        return loglik
+
+    def apply(self, post, image, exact=False):
         """Posteriors (..., C) of part of the 1 mm grid and its intensities (...): the refined
-        posteriors (float32, a new array)."""
+        posteriors (float32, a new array).
+
+        The likelihoods come from a table over the slab's intensity range
+        (:attr:`table_bins` intensities, the nearest one for each voxel): 5x faster on
+        mri_synthseg's slabs than ``exact`` (each voxel's own, the formula
+        :class:`synthkit.models.synthsr.task.RefinedPosteriors` computes in training)."""
         mean, var, fitted = self.parameters()
         out = np.array(post, np.float32)
         bg = self.bg
-        inside = out[..., bg] < 1 - 1e-6            # only where the brain is possible
-        if not fitted.any() or not inside.any():
+        if not fitted.any():
             return out
-        p = out[inside]                             # (N, C)
-        x = np.asarray(image, np.float32)[inside][:, None]
-        scale = (-0.5 / var).astype(np.float32)
-        offset = (-0.5 * np.log(var)).astype(np.float32)
-        loglik = (x - mean.astype(np.float32)) ** 2 * scale + offset
-        if not fitted.all():       # unfitted brain labels: as likely as the average fitted one
-            fit = np.flatnonzero(fitted)
-            loglik[:, ~fitted] = loglik[:, fit].mean(-1, keepdims=True)
-        loglik[:, bg] = -np.inf
-        loglik -= loglik.max(-1, keepdims=True)
-        np.exp(loglik, out=loglik)
-        brain = 1 - p[:, bg]
-        loglik *= p                                 # now the unnormalized refined posteriors
-        total = loglik.sum(-1)
-        ok = total > 1e-20
-        loglik[ok] *= (brain[ok] / total[ok])[:, None]
-        loglik[~ok] = p[~ok]
-        loglik[:, bg] = p[:, bg]
-        out[inside] = loglik
+        x = np.asarray(image, np.float32)
+        if exact:
+            lik = np.exp(self._loglik(x[..., None].astype(np.float64), mean, var, fitted))
+        else:
+            lo, hi = float(x.min()), float(x.max())
+            step = (hi - lo) / (self.table_bins - 1) if hi > lo else 1.0
+            centres = lo + step * np.arange(self.table_bins)
+            table = np.exp(self._loglik(centres[:, None], mean, var, fitted))
+            lik = np.take(table.astype(np.float32),
+                          np.rint((x - lo) * (1 / step)).astype(np.intp), axis=0)
+        lik = np.asarray(lik, np.float32)
+        p_bg = out[..., bg].copy()
+        lik *= out                                  # the unnormalized refined posteriors
+        total = lik.sum(-1)
+        # only where the brain is possible, and the likelihoods left something
+        ok = (total > 1e-20) & (p_bg < 1 - 1e-6)
+        lik *= np.divide(1 - p_bg, total, out=np.zeros_like(total), where=ok)[..., None]
+        np.copyto(out, lik, where=ok[..., None])
+        out[..., bg] = p_bg
         return out
 
 
