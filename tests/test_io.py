@@ -510,6 +510,40 @@ def test_resample_of_whole_voxels_is_exact_and_matches_interpolation(code, inter
     assert np.isclose(fast.sum(), data.sum())
 
 
+def test_resample_of_whole_voxels_crops_pads_and_flips_like_interpolation():
+    """Whole-voxel maps of any signed axis order that crop, pad or exactly cover the input,
+    on 3-D and 4-D arrays: the strided copy equals nearest-neighbour interpolation."""
+    from scipy import ndimage
+    rng = np.random.default_rng(1)
+    data = rng.random((12, 10, 14, 2)).astype(np.float32) + 1
+    for trial in range(40):
+        perm = rng.permutation(3)
+        signs = rng.choice([-1, 1], 3)
+        lin = np.zeros((3, 3))
+        lin[perm, np.arange(3)] = signs               # destination axis a <- source axis perm[a]
+        shape = tuple(int(data.shape[perm[a]]) + int(rng.integers(-4, 5)) for a in range(3))
+        if trial % 4 == 0:                            # exactly the input, flipped / reordered
+            shape = tuple(int(data.shape[perm[a]]) for a in range(3))
+        off = np.array([(data.shape[perm[a]] - 1 if signs[a] < 0 else 0) for a in range(3)],
+                       float)
+        off = np.array([off[list(perm).index(k)] for k in range(3)])   # source voxel order
+        if trial % 4:
+            off += rng.integers(-3, 4, 3)
+        vox = np.eye(4)
+        vox[:3, :3], vox[:3, 3] = lin, off
+        dst_affine = vox                               # source affine: identity
+        assert geometry._voxel_lattice_map(vox, data.shape[:3]) is not None
+        for arr in (data[..., 0], data):
+            fast = geometry.resample(arr, np.eye(4), shape, dst_affine, 'nearest')
+            chans = [arr] if arr.ndim == 3 else [arr[..., c] for c in range(arr.shape[3])]
+            slow = np.stack([ndimage.affine_transform(c, lin, offset=off, output_shape=shape,
+                                                      order=0, mode='constant', cval=0)
+                             for c in chans], -1)
+            assert fast.shape == slow.shape[:3] + arr.shape[3:]
+            assert np.array_equal(fast, slow.reshape(fast.shape)), (perm, signs, off, shape)
+            assert fast.flags.c_contiguous
+
+
 def test_check_writable_without_create_makes_no_folder(tmp_path):
     target = tmp_path / 'a' / 'b' / 'out.nii.gz'
     io.check_writable(str(target), create=False)

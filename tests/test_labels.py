@@ -72,6 +72,17 @@ def test_lr_pairs_are_known_and_consistent():
     assert {int(lookup[lab]) for lab in seg} == seg
 
 
+def test_color_table_is_the_surfa_lookup_as_a_dict():
+    table = labels.color_table([0, 2, 41, 1001])
+    lut = labels.surfa_lookup([0, 2, 41, 1001])
+    assert sorted(table) == sorted(lut) == [0, 2, 41, 1001]
+    for k, (name, rgb) in table.items():
+        assert name == lut[k].name
+        assert rgb == tuple(int(c) for c in lut[k].color[:3])
+    assert table[2][0] == 'Left-Cerebral-White-Matter' and table[41][1] == (245, 245, 245)
+    assert len(labels.color_table()) == len(labels.LUT)
+
+
 def test_surfa_lookup_names_and_colours():
     lut = labels.surfa_lookup([0, 2, 41])
     assert sorted(lut) == [0, 2, 41]

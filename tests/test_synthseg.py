@@ -432,6 +432,28 @@ def test_oracle_posteriors_come_back_to_1mm_in_place(voxsize, orientation):
     assert worst < 0.25, offsets
 
 
+def test_slabs_refined_on_several_threads_give_the_same_result(monkeypatch):
+    """Segmenter.segment refines its 1 mm slabs on OMP_NUM_THREADS threads: labels, soft
+    volumes, QC scores and posteriors are those of one thread, exactly (the sums are added in
+    the same order)."""
+    ref = _blob_map()
+    affine = np.eye(4)
+    affine[:3, :3] = geometry.orientation_matrix('LIA')
+    rng = np.random.default_rng(4)
+    image = ref.astype(np.float32) + rng.normal(0, 3, ref.shape).astype(np.float32)
+    results = []
+    for threads in ('1', '3'):
+        monkeypatch.setenv('OMP_NUM_THREADS', threads)
+        results.append(OracleSegmenter(ref, affine, 2.0).segment(image, affine,
+                                                                 keep_posteriors=True))
+    one, three = results
+    assert one.hard.shape[2] > 3 * 16                  # several slabs of 16 planes
+    np.testing.assert_array_equal(one.hard, three.hard)
+    np.testing.assert_array_equal(one.posteriors, three.posteriors)
+    assert one.volumes == three.volumes and one.qc == three.qc
+    assert len(set(np.unique(one.hard)) - {0}) >= 5
+
+
 @pytest.mark.parametrize('threads', ['1', '3'])
 def test_upsampling_in_slabs_matches_resampling_the_whole_box(threads, monkeypatch):
     """Slab by slab (made ahead by OMP_NUM_THREADS threads, given in order) = the whole box."""
@@ -475,11 +497,14 @@ def test_work_ahead_keeps_order_bounds_lookahead_and_stops_with_its_consumer():
             live[0] -= 1
         return i * i
 
-    assert list(predict._ahead(work, list(range(12)), 3)) == [i * i for i in range(12)]
-    assert peak[0] <= 2                             # threads - 1 workers
-    assert list(predict._ahead(work, list(range(5)), 1)) == [i * i for i in range(5)]
+    assert list(predict.ahead(work, list(range(12)), 2)) == [i * i for i in range(12)]
+    assert peak[0] <= 2                             # two workers
+    peak[0] = 0
+    assert list(predict.ahead(work, list(range(5)), 0)) == [i * i for i in range(5)]
+    assert peak[0] == 1                             # no workers: one at a time, the caller's
+    assert list(predict.ahead(work, (i for i in range(7)), 3)) == [i * i for i in range(7)]
     started.clear()
-    gen = predict._ahead(work, list(range(50)), 2)
+    gen = predict.ahead(work, list(range(50)), 1)
     assert next(gen) == 0
     gen.close()                                     # the consumer stops: the rest is not run
     assert len(started) <= 4

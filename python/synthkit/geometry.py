@@ -153,18 +153,23 @@ def _voxel_lattice_map(vox, src_shape, tol=1e-6):
 
 
 def _take_lattice(array, lattice, dst_shape, fill):
-    """``array`` read through a :func:`_voxel_lattice_map` onto ``dst_shape`` (fill outside)."""
+    """``array`` read through a :func:`_voxel_lattice_map` onto ``dst_shape`` (fill outside).
+    Strided views, not fancy indexing: a 256^3 scan already on its grid in 0.05 s, not 0.64."""
     src = np.transpose(array, [s for s, _, _ in lattice] + list(range(3, array.ndim)))
-    out = np.full(tuple(dst_shape) + array.shape[3:], fill, dtype=array.dtype)
-    dst_sl, src_idx = [], []
+    dst_sl, src_sl = [], []
     for a, (s, sign, offset) in enumerate(lattice):
         idx = sign * np.arange(dst_shape[a]) + offset
         valid = np.flatnonzero((idx >= 0) & (idx < array.shape[s]))
         if valid.size == 0:
-            return out
+            return np.full(tuple(dst_shape) + array.shape[3:], fill, dtype=array.dtype)
         dst_sl.append(slice(valid[0], valid[-1] + 1))
-        src_idx.append(idx[valid[0]:valid[-1] + 1])
-    part = src[np.ix_(*src_idx)] if src.ndim == 3 else src[np.ix_(*src_idx) + (slice(None),)]
+        first, last = int(idx[valid[0]]), int(idx[valid[-1]])
+        src_sl.append(slice(first, last + 1, 1) if sign > 0 else
+                      slice(first, last - 1 if last > 0 else None, -1))
+    part = src[tuple(src_sl)]
+    if all(d.stop - d.start == n for d, n in zip(dst_sl, dst_shape)):
+        return np.array(part, order='C')                # covers the whole destination
+    out = np.full(tuple(dst_shape) + array.shape[3:], fill, dtype=array.dtype)
     out[tuple(dst_sl)] = part
     return out
 
@@ -210,7 +215,8 @@ def conform(vol, voxsize=1.0, orientation='LIA', multiple=16, rescale=True,
     affine = check_affine(affine, path)
     shape, net_affine = conform_grid(data.shape, affine, voxsize, orientation, multiple, crop,
                                      min_shape, offset)
-    data = rescale_intensities(data, percentiles, path) if rescale else data.astype(np.float32)
+    data = rescale_intensities(data, percentiles, path) if rescale else \
+        np.asarray(data, np.float32)
     out = resample(data, affine, shape, net_affine, 'linear')
     return Conformed(out, net_affine, tuple(data.shape), affine)
 

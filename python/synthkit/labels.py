@@ -208,6 +208,14 @@ def generation_lookup(out_labels=SEGMENTATION_LABELS, max_label=1024):
     return table
 
 
+def color_table(labels=None):
+    """``{label: (name, (r, g, b))}`` for ``labels`` (all known labels by default): the colour
+    table :func:`synthkit.io.save_volume` embeds in mgz outputs, without importing surfa (0.2 s
+    of every mri_synthseg run)."""
+    return {int(lab): (name(lab), tuple(int(c) for c in color(lab)))
+            for lab in (sorted(LUT) if labels is None else labels)}
+
+
 def surfa_lookup(labels=None):
     """A ``surfa.LabelLookup`` for ``labels`` (all known labels by default), to embed in mgz."""
     import surfa as sf

@@ -223,10 +223,10 @@ def upsample_slabs(post, box, src_affine, dst_shape, dst_affine, slab=16, bg_cha
 
     regions = [((lo[0], lo[1], z), (hi[0], hi[1], min(z + slab, hi[2])))
                for z in range(lo[2], hi[2], slab)]
-    yield from _ahead(make, regions, _threads())
+    yield from ahead(make, regions, threads() - 1)
 
 
-def _threads():
+def threads():
     """The threads numpy work may use: OMP_NUM_THREADS (the tools' --threads sets it), else
     the CPU count, at most 4."""
     try:
@@ -236,23 +236,25 @@ def _threads():
     return max(1, min(n, 4))
 
 
-def _ahead(fn, items, threads):
-    """``fn(item)`` for each item, in order, computed in worker threads at most ``threads - 1``
-    items ahead of the consumer (numpy releases the GIL in its array loops, so slabs are made
-    while the consumer works on the one before; more ahead was no faster on 2 cores and held
-    0.1-0.3 GB more); one thread: in the caller's."""
-    if threads <= 1 or len(items) <= 1:
+def ahead(fn, items, workers):
+    """``fn(item)`` for each of ``items`` (any iterable), in order, computed by ``workers``
+    threads at most ``workers`` items ahead of the consumer (numpy releases the GIL in its
+    array loops); no workers: in the caller's thread. Memory holds at most ``workers`` results
+    besides the consumer's. upsample_slabs makes its slabs one ahead of the consumer (more was
+    no faster on 2 cores and held 0.1-0.3 GB more); mri_synthseg refines them on all the
+    threads (its consumer only stores the results)."""
+    if workers < 1:
         for item in items:
             yield fn(item)
         return
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(threads - 1) as pool:
+    with ThreadPoolExecutor(workers) as pool:
         pending = deque()
         try:
             for item in items:
                 pending.append(pool.submit(fn, item))
-                if len(pending) > threads - 1:
+                if len(pending) > workers:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()

@@ -117,7 +117,7 @@ def _segmentation(path, image, segmenter, say):
             raise io.VolumeError(path, 'not a label map (non-integer values)')
         return np.asarray(vol.data), vol.affine
     result = segmenter().segment(np.asarray(image.data, np.float32), image.affine)
-    io.save_volume(result.hard, result.grid.affine, path, lut=lab.surfa_lookup(
+    io.save_volume(result.hard, result.grid.affine, path, lut=lab.color_table(
         segmenter().labels), dtype=np.int32)
     say('segmented %s into %s' % (image.path, path))
     return result.hard, result.grid.affine

@@ -130,7 +130,7 @@ def segment_one(seg, args, inp, out, post_path, res_path, parc=None):
         result = seg.segment(data, vol.affine, fast=args.fast, crop=crop,
                              keep_posteriors=posteriors_file if post_path else False, parc=parc)
         grid, hard = result.grid, result.hard
-        lut = lab.surfa_lookup(output_labels(seg, parc))
+        lut = lab.color_table(output_labels(seg, parc))
         if args.keepgeom:
             io.save_volume(geometry.to_input_grid(hard, grid, 'nearest'), vol.affine, out,
                            like=vol, lut=lut, dtype=np.int32)

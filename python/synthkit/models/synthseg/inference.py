@@ -36,16 +36,31 @@ class Summary:
     def add(self, post, qc_post=None):
         """The posteriors (..., C) of one part of the output; ``qc_post``: those the QC scores
         are taken from, if not ``post`` (the network's own, before the intensity model)."""
+        self.merge(self.statistics(post, qc_post))
+
+    def statistics(self, post, qc_post=None):
+        """What :meth:`add` adds for one part, without adding it (safe in several threads at
+        once): ``(volume, count, conf_sum)``; :meth:`merge` adds it."""
         flat = post.reshape(-1, post.shape[-1])
-        self.volume += flat.sum(0, dtype=np.float64)
+        volume = flat.sum(0, dtype=np.float64)
         if qc_post is not None:
             flat = qc_post.reshape(-1, qc_post.shape[-1])
-        conf = flat.max(-1)
         winner = np.argmax(flat, axis=-1)
+        conf = np.take_along_axis(flat, winner[:, None], axis=-1)[:, 0]
+        count = np.zeros(len(self.members), np.int64)
+        conf_sum = np.zeros(len(self.members), np.float64)
         for g, members in enumerate(self.members):
             mask = members[winner]
-            self.count[g] += int(mask.sum())
-            self.conf_sum[g] += float(conf[mask].sum(dtype=np.float64))
+            count[g] = int(mask.sum())
+            conf_sum[g] = float(conf[mask].sum(dtype=np.float64))
+        return volume, count, conf_sum
+
+    def merge(self, stats):
+        """Add the :meth:`statistics` of one part."""
+        volume, count, conf_sum = stats
+        self.volume += volume
+        self.count += count
+        self.conf_sum += conf_sum
 
     def volumes(self, voxel_volume=1.0):
         """{label: soft volume (mm^3)}."""
@@ -202,16 +217,26 @@ class Segmenter:
                                               grid.affine, bg_channel=bg_channel)
             parts = ((sl, part, None) for sl, part in slabs(1, bg)) if not split else \
                 ((sl, part, q) for (sl, part), (_, q) in zip(slabs(1, bg), slabs(3, 0)))
-        for sl, part, q in parts:
+
+        def refine(item):         # one slab, in a worker thread: nothing shared is written
+            sl, part, q = item
             raw = part
             if model is not None:
                 part = model.apply(part, grid.data[sl])
-            hard[sl] = hard_segmentation(part, self.labels, ribbon)
-            summary.add(part, raw)
+            labels = hard_segmentation(part, self.labels, ribbon)
+            stats = summary.statistics(part, raw)
             del raw
+            if sink is not None and q is not None:
+                part = parcellation.split_cortex(part, self.labels, q)
+            return sl, labels, stats, part if sink is not None else None
+
+        # the slabs refined on all threads, stored in order here (the same sums in the same
+        # order on any number of threads): 256^3 --fast 12.2-12.8 s -> on 2 threads
+        for sl, labels, stats, part in predict.ahead(refine, parts, predict.threads()):
+            hard[sl] = labels
+            summary.merge(stats)
             if sink is not None:
-                sink.write(sl, part if q is None else parcellation.split_cortex(part, self.labels,
-                                                                                q))
+                sink.write(sl, part)
         volumes = summary.volumes()
         if parc is not None:
             affines = []
@@ -312,10 +337,10 @@ class IntensityModel:
         mri_synthseg's slabs than ``exact`` (each voxel's own, the formula
         :class:`synthkit.models.synthsr.task.RefinedPosteriors` computes in training)."""
         mean, var, fitted = self.parameters()
-        out = np.array(post, np.float32)
+        post = np.asarray(post, np.float32)
         bg = self.bg
         if not fitted.any():
-            return out
+            return post.copy()
         x = np.asarray(image, np.float32)
         if exact:
             lik = np.exp(self._loglik(x[..., None].astype(np.float64), mean, var,
@@ -327,15 +352,18 @@ class IntensityModel:
             table = np.exp(self._loglik(centres[:, None], mean, var, fitted))
             lik = np.take(table.astype(np.float32),
                           np.rint((x - lo) * (1 / step)).astype(np.intp), axis=0)
-        p_bg = out[..., bg].copy()
-        lik *= out                                  # the unnormalized refined posteriors
+        lik *= post                                 # the unnormalized refined posteriors
         total = lik.sum(-1)
-        # only where the brain is possible, and the likelihoods left something
+        p_bg = post[..., bg]
+        # only where the brain is possible, and the likelihoods left something; elsewhere the
+        # network's posteriors as they are
         ok = (total > 1e-20) & (p_bg < 1 - 1e-6)
         lik *= np.divide(1 - p_bg, total, out=np.zeros_like(total), where=ok)[..., None]
-        np.copyto(out, lik, where=ok[..., None])
-        out[..., bg] = p_bg
-        return out
+        lik[..., bg] = p_bg
+        keep = ~ok
+        if keep.any():
+            lik[keep] = post[keep]
+        return lik
 
 
 class _InMemory:
