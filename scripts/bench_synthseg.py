@@ -14,7 +14,7 @@ Measures (all with the shipped model unless --model):
 - with a parcellation model (`models/synthparc`, or --parc-model): Dice per Desikan-Killiany
   parcel against FreeSurfer's aparc+aseg on the subjects its card held out of training
   (`../shared/data/fs_subjects`), at 1 mm and as 1x1x5 mm thick slices, and the time --parc adds
-  to one 256^3 scan (in-process, flip averaging on).
+  to one 256^3 scan (in-process, flip averaging on, the SynthSeg network warmed up first).
 
 Writes a markdown report (--out) and, with --card, merges the scores into the model card.
 """
@@ -294,6 +294,10 @@ def parcellation(seg, args):
         for kind, (data, aff) in (('1 mm', (np.asarray(t1.data, np.float32), t1.affine)),
                                   ('1x1x5 mm', thick_slices(np.asarray(t1.data, np.float32),
                                                             t1.affine))):
+            if kind == '1 mm' and not added:
+                # the SynthSeg network's first call in this process (TensorFlow's and oneDNN's
+                # set-up, 2-4 s) is paid with or without --parc: not counted as the parcels'
+                seg.segment(data, aff)
             t = time.time()
             result = seg.segment(data, aff, parc=parc)
             with_parc = time.time() - t

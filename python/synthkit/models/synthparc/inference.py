@@ -77,19 +77,42 @@ def label_cortex(hard, hard_affine, parcels, parcels_affine):
     parcel of its hemisphere, from the parcel posteriors ``parcels`` (x, y, z, 69) of a coarser
     grid (``parcels_affine``), interpolated (trilinear) at the cortex voxels only: the 1 mm
     parcel posteriors are never built. ``parcels`` and ``parcels_affine`` may be lists (several
-    coarse grids): their interpolated posteriors are averaged."""
+    coarse grids): their interpolated posteriors are averaged (:class:`CortexVotes`)."""
     if not isinstance(parcels, (list, tuple)):
         parcels, parcels_affine = [parcels], [parcels_affine]
-    to_parcels = [np.linalg.inv(a) @ hard_affine for a in parcels_affine]
-    for side, cortex in enumerate((3, 42)):
-        idx = np.nonzero(hard == cortex)
-        if not idx[0].size:
-            continue
-        points = np.stack(idx).astype(np.float64)
-        labels = np.asarray(_hemisphere(parcels[0], side)[0], np.int32)
-        v = sum(_trilinear(_hemisphere(q, side)[1], t[:3, :3] @ points + t[:3, 3:4])
-                for q, t in zip(parcels, to_parcels))
-        hard[idx] = labels[np.argmax(v, axis=-1)]
+    votes = CortexVotes(hard, hard_affine)
+    for q, affine in zip(parcels, parcels_affine):
+        votes.add(q, affine)
+    votes.finish()
+
+
+class CortexVotes:
+    """:func:`label_cortex` one coarse grid at a time (only one grid's parcel posteriors in
+    memory): the cortex voxels of ``hard`` are found when made; :meth:`add` adds a grid's
+    interpolated parcel posteriors at them, :meth:`finish` labels them (in place)."""
+
+    def __init__(self, hard, hard_affine):
+        self.hard, self.affine = hard, np.asarray(hard_affine, np.float64)
+        self.sides = []                  # (voxel indices, their coordinates, summed votes)
+        for cortex in (3, 42):
+            idx = np.nonzero(hard == cortex)
+            self.sides.append([idx, np.stack(idx).astype(np.float64), None]
+                              if idx[0].size else None)
+
+    def add(self, parcels, parcels_affine):
+        t = np.linalg.inv(parcels_affine) @ self.affine
+        for side, entry in enumerate(self.sides):
+            if entry is None:
+                continue
+            v = _trilinear(_hemisphere(parcels, side)[1], t[:3, :3] @ entry[1] + t[:3, 3:4])
+            entry[2] = v if entry[2] is None else entry[2] + v
+
+    def finish(self):
+        for side, entry in enumerate(self.sides):
+            if entry is None or entry[2] is None:
+                continue
+            labels = np.asarray(lab.PARCEL_LABELS[side * N_SIDE:(side + 1) * N_SIDE], np.int32)
+            self.hard[entry[0]] = labels[np.argmax(entry[2], axis=-1)]
 
 
 def _trilinear(q, points):
