@@ -238,8 +238,8 @@ class Segmenter:
                 part = parcellation.split_cortex(part, self.labels, q)
             return sl, labels, stats, part if sink is not None else None
 
-        # the slabs refined on all threads, stored in order here (the same sums in the same
-        # order on any number of threads): 256^3 --fast 12.2-12.8 s -> on 2 threads
+        # the slabs refined on all threads, stored here in order (the same sums in the same
+        # order on any number of threads; docs/synthseg_profile.md)
         for sl, labels, stats, part in predict.ahead(refine, parts, predict.threads()):
             hard[sl] = labels
             summary.merge(stats)
@@ -248,8 +248,8 @@ class Segmenter:
         volumes = summary.volumes()
         if parc is not None:
             # what the parcels need of the grids' posteriors (cortex masks; the first grid's
-            # cortex posteriors for the volumes), then the posteriors go: the parcellation
-            # network runs in 0.3-0.4 GB less (whole heads)
+            # cortex posteriors for the volumes), then the posteriors go: sub-07's whole head
+            # peaked at 2.05 GB instead of 2.29 GB (in the parcellation network's pass)
             masks = [None if r[3] is not None else cortex_masks(i) for i, r in enumerate(runs)]
             cortex = [self.labels.index(3), self.labels.index(42)]
             cortex_post = np.asarray(post[..., cortex], np.float32)
