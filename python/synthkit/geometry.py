@@ -119,14 +119,15 @@ def resample(array, src_affine, dst_shape, dst_affine, interp='linear', fill=0):
         order, dtype = 0, array.dtype
         if dtype == np.bool_:
             array = array.view(np.uint8)
-    lattice = _voxel_lattice_map(vox, array.shape[:3])
-    if lattice is not None:            # whole voxels onto whole voxels: exact, no interpolation
-        out = _take_lattice(array, lattice, dst_shape, fill)
+    pairs = _pair_lattice_map(vox)
+    if pairs is not None and all(step == 1 for _, _, step, _ in pairs):
+        # whole voxels onto whole voxels: exact, no interpolation
+        out = _take_lattice(array, [(s, sign, start) for s, sign, _, start in pairs],
+                            dst_shape, fill)
         return out.view(np.bool_) if dtype == np.bool_ else out
-    if order == 1 and fill == 0:
-        pairs = _pair_lattice_map(vox)
-        if pairs is not None:          # 2 mm centres between 1 mm ones: means of voxel pairs
-            return _mean_of_pairs(array, pairs, dst_shape)
+    if pairs is not None and order == 1 and fill == 0:
+        # 2 mm centres between 1 mm ones: means of voxel pairs
+        return _mean_of_pairs(array, pairs, dst_shape)
     channels = [array] if array.ndim == 3 else [array[..., c] for c in range(array.shape[3])]
     out = np.empty(dst_shape + ((len(channels),) if array.ndim == 4 else ()), dtype=array.dtype)
     for c, chan in enumerate(channels):
@@ -139,21 +140,14 @@ def resample(array, src_affine, dst_shape, dst_affine, interp='linear', fill=0):
     return out.view(np.bool_) if dtype == np.bool_ else out
 
 
-def _voxel_lattice_map(vox, src_shape, tol=1e-6):
+def _voxel_lattice_map(vox, src_shape=None, tol=1e-6):
     """``[(source axis, sign, offset)]`` per destination axis when the voxel map ``vox`` (4x4,
     destination -> source voxels) sends voxel centres onto voxel centres (a signed axis
-    permutation with whole-voxel offsets), else None."""
-    lin, off = vox[:3, :3], vox[:3, 3]
-    rounded = np.rint(lin)
-    if np.abs(lin - rounded).max() > tol or np.abs(off - np.rint(off)).max() > tol:
+    permutation with whole-voxel offsets: a :func:`_pair_lattice_map` of steps 1), else None."""
+    pairs = _pair_lattice_map(vox, tol)
+    if pairs is None or any(step != 1 for _, _, step, _ in pairs):
         return None
-    if not (np.abs(rounded).sum(0) == 1).all() or not (np.abs(rounded).sum(1) == 1).all():
-        return None
-    out = []
-    for a in range(3):
-        s = int(np.flatnonzero(rounded[:, a])[0])         # source axis of destination axis a
-        out.append((s, int(rounded[s, a]), int(np.rint(off[s]))))
-    return out
+    return [(s, sign, start) for s, sign, _, start in pairs]
 
 
 def _pair_lattice_map(vox, tol=1e-6):
@@ -198,7 +192,7 @@ def _mean_of_pairs(array, pairs, dst_shape):
         regions.append((slice(j0, j1), sign, step, lo, count))
         halves += step == 2
     part = src[tuple(slice(lo, lo + step * count) for _, _, step, lo, count in regions)]
-    for a, (_, sign, step, _, count) in enumerate(regions):
+    for a, (_, sign, step, _, _) in enumerate(regions):
         if step == 2:           # the first sum already in float64: no float64 copy of the scan
             head = (slice(None),) * a
             part = np.add(part[head + (slice(0, None, 2),)], part[head + (slice(1, None, 2),)],
