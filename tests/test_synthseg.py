@@ -619,6 +619,22 @@ def test_float16_conversion_drops_only_what_float16_cannot_hold_normally():
     assert np.abs(got.astype(np.float32) - x).max() < 2 ** -14 + 1e-3 * 0.5
 
 
+def test_float16_conversion_is_the_same_on_views_and_across_blocks():
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((9, 70, 130, 3)) *
+         10.0 ** rng.integers(-9, 3, (9, 70, 130, 3))).astype(np.float32)   # > one 64k block
+    x.flat[::1000] = np.nan
+
+    def expected(a):
+        a = np.asarray(a, np.float32)
+        return np.where(np.abs(a) < np.finfo(np.float16).tiny, np.float32(0),
+                        a).astype(np.float16)
+    for view in [x, x[::2], x[..., 1:], x.transpose(2, 0, 3, 1), x.astype(np.float64), x[0, 0]]:
+        got = predict.to_float16(view)
+        assert got.shape == view.shape and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, expected(view))
+
+
 @pytest.mark.parametrize('preset, expected', [(None, '1'), ('0', '0')])
 def test_segmenting_tools_choose_the_system_allocator_before_tensorflow(preset, expected):
     # oneDNN reads TF_ONEDNN_USE_SYSTEM_ALLOCATOR once, when TensorFlow loads: importing the

@@ -418,8 +418,10 @@ def test_refined_inputs_make_any_box_of_the_whole_input():
     sink = _BrainBox().start(None, None)
     region = (slice(6, 15), slice(4, 12), slice(3, 13))           # posteriors known here
     post = rng.random((9, 8, 10, 3)).astype(np.float16)
-    for i in range(0, 9, 4):                                      # given as slabs
-        sink.write((slice(6 + i, min(15, 10 + i)),) + region[1:], post[i:i + 4])
+    for i in range(0, 9, 4):             # given as slabs, float32 made float16 by prepare
+        part = sink.prepare(post[i:i + 4].astype(np.float32))
+        assert part.dtype == np.float16
+        sink.write((slice(6 + i, min(15, 10 + i)),) + region[1:], part)
     got_region, got = sink.result(3, 0)
     assert got_region == region
     np.testing.assert_array_equal(got, post)

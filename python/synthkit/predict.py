@@ -74,9 +74,30 @@ def to_float16(x):
     """``x`` as float16, its values smaller in magnitude than float16's least normal number
     (6.1e-5) set to zero: numpy converts subnormal float16 numbers (to and from float32) on a
     slow path, 10 to 40 times slower (a 256^3 scan's 33 SynthSeg posteriors, nine tenths of
-    them tiny: 3.0 s against 0.66 s; and again at each reading)."""
+    them tiny: 3.0 s against 0.66 s; and again at each reading). Done in blocks of 64k values
+    (the temporaries stay in the cache): 0.18 s against 0.29 s for 180 MB of posteriors."""
     x = np.asarray(x, np.float32)
-    return np.where(np.abs(x) < np.finfo(np.float16).tiny, np.float32(0), x).astype(np.float16)
+    out = np.empty(x.shape, np.float16)
+    _to_float16_into(x, out)
+    return out
+
+
+def _to_float16_into(x, out, block=1 << 16):
+    if x.ndim > 1 and not x.flags.c_contiguous:
+        for i in range(x.shape[0]):           # out is C-contiguous: so is each out[i]
+            _to_float16_into(x[i], out[i], block)
+        return
+    src, dst = x.reshape(-1), out.reshape(-1)
+    buf = np.empty(min(block, src.size), np.float32)
+    keep = np.empty(buf.size, bool)
+    tiny = np.finfo(np.float16).tiny
+    for i in range(0, src.size, block):
+        c = src[i:i + block]
+        b, k = buf[:c.size], keep[:c.size]
+        np.abs(c, out=b)
+        np.greater_equal(b, tiny, out=k)
+        np.multiply(c, k, out=b)
+        dst[i:i + block] = b
 
 
 def _predict_one(model, x, flip=None, empty=0):

@@ -141,7 +141,8 @@ class Segmenter:
         a function ``(grid, channel labels) -> writer``, hand them slab by slab to
         ``writer.write(region, posteriors)`` instead (e.g. a :class:`synthkit.io.FrameWriter`
         whose background channel is filled with ones: nothing is written outside the brain's
-        box), so that they never are in memory whole; ``parc``: a
+        box), so that they never are in memory whole (a writer's ``prepare(posteriors)``, if
+        it has one, runs first, in the worker threads that refine the slabs); ``parc``: a
         :class:`synthkit.models.synthparc.inference.Parcellator` that splits the cortex into
         its parcels (labels, volumes and posteriors).
 
@@ -236,6 +237,8 @@ class Segmenter:
             del raw
             if sink is not None and q is not None:
                 part = parcellation.split_cortex(part, self.labels, q)
+            if sink is not None and hasattr(sink, 'prepare'):
+                part = sink.prepare(part)        # e.g. to float16, here on all threads
             return sl, labels, stats, part if sink is not None else None
 
         # the slabs refined on all threads, stored here in order (the same sums in the same

@@ -155,8 +155,11 @@ class _BrainBox:
         self.parts = []
         return self
 
+    def prepare(self, data):        # in the slabs' worker threads
+        return predict.to_float16(data)
+
     def write(self, region, data):
-        self.parts.append((region, predict.to_float16(data)))
+        self.parts.append((region, data))
 
     def result(self, channels, bg):
         """(region: tuple of slices, posteriors float16 (X, Y, Z, C)) over the slabs' box,
