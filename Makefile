@@ -96,7 +96,7 @@ $(BENCH_VENV)/.installed:
 # starts from the shipped weights in a fresh clone. PRECISION=auto trains in mixed bfloat16 where
 # the CPU (AMX / AVX-512 BF16) or a GPU computes it natively (a new run only).
 TRAIN_TASKS := synthseg synthstrip synthstrip_nocsf synthmorph_affine synthmorph_deform synthsr \
-	synthparc
+	synthsr_lowfield synthparc
 .PHONY: $(addprefix train-,$(TRAIN_TASKS))
 
 # A static pattern rule: make skips implicit rules for phony targets, so a plain `train-%`

@@ -8,6 +8,9 @@ The test that matters to users: segment the SynthSR output with our SynthSeg and
   (a) and above (b).
 - ixi002: the T2 (0.94x0.94x1.25 mm) through SynthSR, segmented, against the segmentation of
   the real T1 (world space, same session); and the T2 segmented directly, for comparison.
+- Low-field-like versions of the OASIS scans (1.5 x 5 x 1.5 mm, noise, weaker contrast): Dice
+  of segmenting them directly, after SynthSR and after SynthSR --lowfield (when that model is
+  there).
 - A CT-like synthetic case: an OASIS aseg painted with typical CT Hounsfield units (CSF 5, GM 40,
   WM 28, deep grey 38; noise 4 HU), 5 mm slices, run with --ct's clipping; Dice against the aseg.
 - Image similarity of the SynthSR output to the real 1 mm T1 (correlation and SSIM inside the
@@ -30,7 +33,8 @@ import numpy as np
 from synthkit import geometry, io, metrics, qc
 from synthkit.models.synthseg.inference import Segmenter
 from synthkit.models.synthsr.inference import Synthesizer
-from benchlib import cpu_model, precision_note, measure, merge_card, tail, thick_slices
+from benchlib import (cpu_model, lowfield_like, precision_note, measure, merge_card, tail,
+                      thick_slices)
 from bench_synthseg import OASIS, fold, mean, on_grid, segment
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -84,6 +88,45 @@ def dice(seg, data, affine, ref, ref_affine, labels):
     return metrics.dice_table(on_grid(hard, aff, ref.shape, ref_affine), ref, labels)
 
 
+def lowfield(seg, sr, sr_lowfield, args, labels):
+    """Low-field-like OASIS scans (:func:`benchlib.lowfield_like`: 1.5 x 5 x 1.5 mm axial, Rician
+    noise, compressed contrast): mean Dice against the aseg of segmenting them directly, after
+    the standard SynthSR model and after the low-field one (``sr_lowfield``, or None).
+    Returns (scores, markdown lines)."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for name in OASIS[:args.subjects]:
+        t1 = io.load_volume(os.path.join(args.data, name, 't1.nii.gz'))
+        ref = fold(np.asarray(io.load_volume(os.path.join(args.data, name, 'aseg.nii.gz')).data))
+        img, aff = lowfield_like(t1.data, t1.affine, rng)
+        row = [mean(dice(seg, img, aff, ref, t1.affine, labels))]
+        for model in (sr, sr_lowfield):
+            if model is not None:
+                out, out_aff = synthesize(model, img, aff)
+                row.append(mean(dice(seg, out, out_aff, ref, t1.affine, labels)))
+        rows.append(row)
+        print('%s low-field-like: direct %s' % (name, ', SynthSR '.join(
+            '%.3f' % v for v in row)), flush=True)
+    means = np.mean(rows, 0)
+    scores = {'lowfield_like_seg_dice_direct': round(float(means[0]), 4),
+              'lowfield_like_seg_dice_synthsr': round(float(means[1]), 4)}
+    if sr_lowfield is not None:
+        scores['lowfield_like_seg_dice_synthsr_lowfield'] = round(float(means[2]), 4)
+    lines = ['', '## Low-field-like scans (`--lowfield`)', '',
+             'The OASIS T1s made low-field-like (scripts/benchlib.py `lowfield_like`: contrast '
+             'compressed by a gamma of 0.7, 1.5 x 5 x 1.5 mm axial slices, Rician noise of 0.05 '
+             'of the 99th percentile), segmented with mri_synthseg; mean Dice against the '
+             'FreeSurfer aseg (%d subjects):' % len(rows), '',
+             '| input | mean Dice |', '| --- | --- |',
+             '| segmented directly | %.3f |' % means[0],
+             '| after SynthSR (standard model) | %.3f |' % means[1]]
+    if sr_lowfield is not None:
+        lines.append('| after SynthSR `--lowfield` (`%s`, %s steps) | %.3f |' % (
+            args.lowfield_model, sr_lowfield.card.get('training', {}).get('steps', '?'),
+            means[2]))
+    return scores, lines
+
+
 def bench_cli(path, threads, model):
     out = tempfile.mkdtemp()
     cmd = [sys.executable, os.path.join(HERE, '..', 'bin', 'mri_synthsr'), '--i', path,
@@ -116,6 +159,14 @@ def main():
     p.add_argument('--card', help='model card JSON to merge the scores into')
     p.add_argument('--skip-timing', action='store_true')
     p.add_argument('--subjects', type=int, default=len(OASIS), help='OASIS subjects to use')
+    shipped_lowfield = os.path.join(HERE, '..', 'models', 'synthsr_lowfield.weights.h5')
+    p.add_argument('--lowfield-model', default=shipped_lowfield if os.path.isfile(
+        shipped_lowfield) else None, help='low-field SynthSR weights (default: shipped '
+        'models/synthsr_lowfield.weights.h5 if present)')
+    p.add_argument('--lowfield-only', action='store_true',
+                   help='only the low-field-like scans: print the table, write nothing but '
+                        '--lowfield-card')
+    p.add_argument('--lowfield-card', help='model card JSON to merge the low-field scores into')
     args = p.parse_args()
     if not 1 <= args.subjects <= len(OASIS):
         p.error('--subjects must be 1 to %d, got %d' % (len(OASIS), args.subjects))
@@ -123,6 +174,12 @@ def main():
     seg = Segmenter(args.seg_model)
     sr = Synthesizer(args.model)
     labels = [k for k in seg.labels if k != 0]
+    sr_lowfield = Synthesizer(args.lowfield_model) if args.lowfield_model else None
+    if args.lowfield_only:
+        lf_scores, lf_lines = lowfield(seg, sr, sr_lowfield, args, labels)
+        print('\n'.join(lf_lines))
+        merge_card(args.lowfield_card, lf_scores)
+        return
     versions = {'1mm': None, '1x1x5': 2, '5x1x1': 0}
     rows, sims, pictures = [], {}, []
     rng = np.random.default_rng(0)
@@ -174,6 +231,7 @@ def main():
     print('ixi002 T2: direct %.3f, synthsr %.3f vs seg(T1); corr %.3f ssim %.3f'
           % (ixi_direct, ixi_sr, *ixi_sim), flush=True)
 
+    lf_scores, lf_lines = lowfield(seg, sr, sr_lowfield, args, labels)
     timing = timing_head = None
     if not args.skip_timing:
         t1 = io.load_volume(os.path.join(args.data, OASIS[0], 't1.nii.gz'))
@@ -207,6 +265,7 @@ def main():
                    'ixi002_t2_seg_dice_synthsr_vs_t1': round(ixi_sr, 4),
                    'ixi002_t2_seg_dice_direct_vs_t1': round(ixi_direct, 4),
                    'ixi002_corr': round(ixi_sim[0], 4), 'ixi002_ssim': round(ixi_sim[1], 4)})
+    scores.update({k: v for k, v in lf_scores.items() if 'synthsr_lowfield' not in k})
     if timing:
         scores['seconds_256cubed_2threads'] = round(timing[0], 1)
         scores['peak_gb_256cubed'] = round(timing[1], 2)
@@ -243,6 +302,7 @@ def main():
     if timing_head:
         lines += ['', 'The same on a whole head (fs_subjects sub-07 `T1.mgz`, 256^3, the network '
                   'on its 1 mm field of view): %.1f s, peak %.2f GB.' % timing_head]
+    lines += lf_lines
     lines += ['', '![input / SynthSR / real T1](%s)' % os.path.basename(args.png), '',
               'Rows: OASIS 0455 as 1x1x5 mm and 5x1x1 mm, ixi002 T2; columns: input, SynthSR '
               'output, real 1 mm T1 (three orthogonal slices each, on the SynthSR output grid).']
@@ -256,6 +316,7 @@ def main():
                                     for r in pictures], 0), args.png, scale=1)
     print(text)
     merge_card(args.card, scores)
+    merge_card(args.lowfield_card, lf_scores)
 
 
 if __name__ == '__main__':

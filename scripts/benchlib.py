@@ -109,6 +109,31 @@ def thick_slices(data, affine, factor=5, axis=2):
     return thick.astype(np.float32), new
 
 
+def lowfield_like(data, affine, rng, spacing=(1.5, 5.0, 1.5), gamma=0.7, noise=0.05):
+    """A low-field-like version of a scan (e.g. 64 mT portable scanners: about 1.5 x 1.5 x 5 mm,
+    low SNR, weaker contrast): intensities scaled to their 99th percentile and compressed by
+    ``gamma`` (< 1: white and grey matter closer), blurred by each axis' slice profile (Gaussian
+    of sigma 0.425 x spacing), sampled every ``spacing`` mm along the voxel axes (the default's
+    thick axis is OASIS' second, inferior-superior: axial slices), then Rician noise of
+    ``noise`` (std, in units of that percentile) on the coarse grid. Returns (data float32,
+    affine): the coarse voxel j of an axis is centred on the old voxel j * f + (f - 1) / 2 (f
+    the spacing in old voxels)."""
+    from scipy import ndimage
+    x = np.clip(np.asarray(data, np.float32), 0, None)
+    x = (x / max(float(np.percentile(x[x > 0], 99)), 1e-6)) ** np.float32(gamma)
+    vox = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))
+    factor = np.asarray(spacing, float) / vox
+    x = ndimage.gaussian_filter(x, 0.425 * factor * (factor > 1.05))
+    shape = [int((n - 1 - (f - 1) / 2) // f) + 1 for n, f in zip(x.shape, factor)]
+    offset = (factor - 1) / 2
+    x = ndimage.affine_transform(x, factor, offset=offset, output_shape=shape, order=1)
+    x = np.sqrt((x + rng.normal(0, noise, x.shape)) ** 2 + rng.normal(0, noise, x.shape) ** 2)
+    new = np.array(affine, float).copy()
+    new[:3, 3] = new[:3, :3] @ offset + new[:3, 3]
+    new[:3, :3] = new[:3, :3] * factor
+    return x.astype(np.float32), new
+
+
 def colin27(cache):
     """(head path, BET brain path) of Colin27, fetched into ``cache`` if missing."""
     head, bet = (os.path.join(cache, TEMPLATES, f) for f in ('ch2.nii.gz', 'ch2bet.nii.gz'))

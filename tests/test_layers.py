@@ -264,6 +264,32 @@ def test_resolution_removes_high_frequencies_along_the_thick_axis():
     assert len(set(chosen)) > 1    # the axis is random
 
 
+def test_resolution_inplane_range_sets_the_two_thin_axes():
+    """Low-field-like acquisitions (e.g. 1.5 x 1.5 x 5 mm): with ``inplane_range`` the two axes
+    other than the thick one share one spacing from it; by default they stay at 1 mm, drawn
+    from the same random stream as before the option (the thick axis and spacing unchanged)."""
+    def draw(**kw):
+        res = layers.RandomResolution(anisotropic_range=(4, 6), anisotropic_prob=1.0, seed=3,
+                                      **kw)
+        spacing, thickness = res.sample_spacing(64)
+        return np.asarray(spacing), np.asarray(thickness)
+    spacing, thickness = draw(inplane_range=(1.5, 2.0))
+    thick = np.argmax(spacing, 1)
+    assert len(set(thick.tolist())) == 3
+    for s, t, a in zip(spacing, thickness, thick):
+        assert 4 <= s[a] <= 6
+        thin = np.delete(s, a)
+        assert 1.5 <= thin[0] <= 2.0 and thin[0] == thin[1]
+        assert np.all(t <= s + 1e-6) and np.all(t >= 0.5 * s - 1e-6)
+    assert np.ptp(spacing[np.arange(64)[:, None], (thick[:, None] + [1, 2]) % 3]) > 0.2
+    default, _ = draw()
+    same, _ = draw(inplane_range=(1.0, 1.0))
+    np.testing.assert_array_equal(default, same)
+    assert np.all(np.sort(default, 1)[:, :2] == 1.0)
+    np.testing.assert_array_equal(np.argmax(default, 1), thick)     # the draws before it kept
+    np.testing.assert_allclose(default.max(1), spacing.max(1))
+
+
 def test_resolution_matrices_are_identity_at_native_spacing():
     res = layers.RandomResolution()
     spacing = ops.convert_to_tensor([[1.0, 1.0, 4.0]])
@@ -300,7 +326,8 @@ def _every_layer():
         layers.RemapLabels([0, 1, 1, 2]),
         layers.OneHot(5),
         layers.RandomFieldOfView(0.2, 0.25, seed=6),
-        layers.RandomResolution((1, 3), (1, 6), 0.4, 0.6, 0.5, 2.0, 0.9, seed=7),
+        layers.RandomResolution((1, 3), (1, 6), 0.4, 0.6, 0.5, 2.0, 0.9, seed=7,
+                                inplane_range=(1.2, 1.8)),
         layers.RandomAffine((0.9, 1.1), (-10, 10), (-0.01, 0.01), (-5, 5), 0.5, 1, seed=8),
         layers.RandomVelocityField((16, 16, 16), 2.0, 0.1, seed=9),
         layers.IntegrateVelocity(5),
@@ -330,6 +357,7 @@ def test_every_layer_round_trips_through_its_config(layer):
     (lambda: layers.RandomFieldOfView(prob=2), 'prob'),
     (lambda: layers.RandomResolution(isotropic_range=(4, 1)), 'isotropic_range'),
     (lambda: layers.RandomResolution(voxsize=0), 'voxsize'),
+    (lambda: layers.RandomResolution(inplane_range=(2, 1)), 'inplane_range'),
     (lambda: layers.RandomResolution(prob=-0.1), 'prob'),
     (lambda: layers.RandomAffine(scaling_range=(0, 1.2)), None),
     (lambda: layers.RandomAffine(scaling_range=(-1, 1.2)), 'scaling_range'),

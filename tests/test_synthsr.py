@@ -591,3 +591,15 @@ def test_tile_inputs_make_any_box_of_the_whole_input():
     full = predict.predict_tiled(net, TileInputs(big_image, big_post)[
         (slice(0, 32), slice(0, 16), slice(0, 16))], tile=16, overlap=4, divisor=4)
     np.testing.assert_allclose(lazy, full, rtol=1e-6)
+
+
+def test_lowfield_task_is_the_standard_recipe_on_low_field_like_inputs(tmp_path):
+    from synthkit import generator as gen, models
+    from synthkit.models.synthsr.task import LOWFIELD_GENERATOR
+    maps = [str(tmp_path / 'label_maps' / m) for m in ('m1', 'm2', 'm3')]
+    standard, low = (models.preset(n, maps) for n in ('synthsr', 'synthsr_lowfield'))
+    assert low.task == 'synthsr_lowfield' and standard.task == 'synthsr'
+    assert low.task_options == standard.task_options and low.unet == standard.unet
+    assert low.generator == {**standard.generator, **LOWFIELD_GENERATOR}
+    params = gen.GeneratorParams.from_dict(low.generator)     # valid generator parameters
+    assert params.anisotropic_inplane_range_mm == (1.2, 2.0) and params.resolution_prob == 1.0

@@ -266,7 +266,8 @@ def test_every_registered_task_builds_from_its_preset(tmp_path):
     for name in models.TASKS:
         cfg = models.preset(name, maps)
         # SynthSR holds out one label map and one real-T1 subject (with an aseg: none here)
-        held_out = {'synthsr': ['m4'], 'synthparc': ['sub-02']}.get(name, ['m3', 'm4'])
+        held_out = {'synthsr': ['m4'], 'synthsr_lowfield': ['m4'],
+                    'synthparc': ['sub-02']}.get(name, ['m3', 'm4'])
         assert cfg.task == name and [os.path.basename(m) for m in cfg.val_maps] == held_out
         task = models.create(cfg)
         assert isinstance(task, Task) and task.name == name

@@ -53,6 +53,7 @@ class GeneratorParams:
     isotropic_range_mm: tuple = (1.0, 4.0)
     anisotropic_range_mm: tuple = (1.0, 8.0)
     anisotropic_prob: float = 0.5
+    anisotropic_inplane_range_mm: tuple = (1.0, 1.0)   # the other two axes' spacing then
     thickness_min_fraction: float = 0.5
     # geometry of the output
     voxsize_mm: float = 1.0
@@ -165,7 +166,8 @@ class SynthGenerator(keras.layers.Layer):
         self.resolution = layers.RandomResolution(p.isotropic_range_mm, p.anisotropic_range_mm,
                                                   p.anisotropic_prob, p.thickness_min_fraction,
                                                   voxsize=v, prob=p.resolution_prob,
-                                                  seed=seeds[5])
+                                                  seed=seeds[5],
+                                                  inplane_range=p.anisotropic_inplane_range_mm)
         self.gamma = layers.RandomGamma(p.gamma_std, seed=seeds[6])
         self.normalize = layers.MinMaxNormalize()
         self.rng = keras.random.SeedGenerator(seeds[7])

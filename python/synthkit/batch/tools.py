@@ -294,14 +294,22 @@ class SynthSR(Tool):
         g.add_argument('--ct', action='store_true', help='CT scans: clip to 0-80 HU')
         g.add_argument('--disable_sharpening', action='store_true', help='no unsharp masking')
         g.add_argument('--disable_flipping', action='store_true', help='no flip averaging')
-        g.add_argument('--lowfield', action='store_true', help='low-field model (not available)')
+        g.add_argument('--lowfield', action='store_true',
+                       help='the low-field variant (models/synthsr_lowfield)')
         g.add_argument('--model', metavar='WEIGHTS', help='weights file (default: shipped)')
 
     def check(self):
-        if self.options.lowfield:
-            raise common.ModelUnavailable('--lowfield: model not yet available (the low-field '
-                                          'variant is not trained yet)')
-        self.weights, card = common.find_model('synthsr', self.options.model)
+        lowfield = getattr(self.options, 'lowfield', False)
+        try:
+            self.weights, self.card = common.find_model(
+                'synthsr_lowfield' if lowfield else 'synthsr', self.options.model,
+                tasks=('synthsr', 'synthsr_lowfield'))
+        except common.ModelUnavailable:
+            if lowfield and not self.options.model:
+                raise common.ModelUnavailable('--lowfield: model not yet available (the '
+                                              'low-field variant is not trained yet)') from None
+            raise
+        card = self.card
         # the hybrid renders from mri_synthseg's posteriors: its weights are part of the result
         self.seg_weights = None
         if card.get('architecture', {}).get('type') == 'synthsr_hybrid':
@@ -320,7 +328,7 @@ class SynthSR(Tool):
 
     def load(self):
         from ..models.synthsr.inference import Synthesizer
-        return Synthesizer(*common.find_model('synthsr', self.options.model))
+        return Synthesizer(self.weights, self.card)
 
     def process(self, sr, scan, outputs):
         from ..models.synthsr import cli

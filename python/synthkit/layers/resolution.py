@@ -31,18 +31,20 @@ class RandomResolution(keras.layers.Layer):
     """Random acquisition resolution and slice thickness, returned to the input grid.
 
     With probability ``anisotropic_prob`` one random axis gets a spacing from
-    ``anisotropic_range`` (mm) and the others ``(1, 1)``; otherwise all axes share one spacing from
+    ``anisotropic_range`` (mm) and the others ``inplane_range`` (one draw for both; default
+    ``(1, 1)``: 1 mm in plane; low-field scans are more like 1.5 x 1.5 x 5 mm); otherwise all axes share one spacing from
     ``isotropic_range``. Thickness is U(``thickness_min_fraction`` * s, s). ``voxsize`` is the
     input grid's voxel size (mm).
     """
 
     def __init__(self, isotropic_range=(1.0, 4.0), anisotropic_range=(1.0, 8.0),
                  anisotropic_prob=0.5, thickness_min_fraction=0.5, blur_factor=0.425,
-                 voxsize=1.0, prob=1.0, seed=None, **kwargs):
+                 voxsize=1.0, prob=1.0, seed=None, inplane_range=(1.0, 1.0), **kwargs):
         super().__init__(**kwargs)
         self.isotropic_range = utils.check_range('isotropic_range', isotropic_range, 0)
         self.anisotropic_range = utils.check_range('anisotropic_range', anisotropic_range, 0)
         self.anisotropic_prob = utils.check_number('anisotropic_prob', anisotropic_prob, 0, 1)
+        self.inplane_range = utils.check_range('inplane_range', inplane_range, 0)
         self.thickness_min_fraction = utils.check_number('thickness_min_fraction',
                                                          thickness_min_fraction, 0, 1)
         self.blur_factor = utils.check_number('blur_factor', blur_factor, 0)
@@ -58,7 +60,10 @@ class RandomResolution(keras.layers.Layer):
         axis = keras.random.randint((b,), 0, 3, seed=sg)
         aniso_s = keras.random.uniform((b, 1), *self.anisotropic_range, seed=sg)
         onehot = ops.one_hot(axis, 3)
-        aniso = onehot * aniso_s + (1 - onehot)
+        inplane = 1.0
+        if tuple(self.inplane_range) != (1.0, 1.0):     # drawn only then: the default keeps
+            inplane = keras.random.uniform((b, 1), *self.inplane_range, seed=sg)  # its stream
+        aniso = onehot * aniso_s + (1 - onehot) * inplane
         is_aniso = ops.cast(keras.random.uniform((b, 1), seed=sg) < self.anisotropic_prob,
                             'float32')
         spacing = is_aniso * aniso + (1 - is_aniso) * iso
@@ -87,4 +92,4 @@ class RandomResolution(keras.layers.Layer):
                 'anisotropic_prob': self.anisotropic_prob,
                 'thickness_min_fraction': self.thickness_min_fraction,
                 'blur_factor': self.blur_factor, 'voxsize': self.voxsize, 'prob': self.prob,
-                'seed': self.seed}
+                'seed': self.seed, 'inplane_range': self.inplane_range}

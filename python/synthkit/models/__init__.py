@@ -16,6 +16,7 @@ TASKS = {
     'synthmorph_affine': 'synthkit.models.synthmorph.task:AffineTask',
     'synthmorph_deform': 'synthkit.models.synthmorph.task:DeformTask',
     'synthsr': 'synthkit.models.synthsr.task:SRTask',
+    'synthsr_lowfield': 'synthkit.models.synthsr.task:LowFieldSRTask',
     'synthparc': 'synthkit.models.synthparc.task:ParcellationTask',
 }
 

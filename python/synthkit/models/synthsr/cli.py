@@ -98,7 +98,8 @@ def synthesize(args):
         common.hide_gpus()
     pairs = _outputs(args)                   # every output checked before any work
     try:
-        weights, card = common.find_model(name, args.model, tasks=('synthsr',))
+        weights, card = common.find_model(name, args.model,
+                                          tasks=('synthsr', 'synthsr_lowfield'))
     except common.ModelUnavailable:
         if args.lowfield and not args.model:
             raise common.ModelUnavailable('--lowfield: model not yet available (the low-field '

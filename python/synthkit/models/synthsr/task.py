@@ -769,3 +769,28 @@ class _OneEntry:
 
     def batch(self, n, rng, indices=None):
         return self.bank.batch(n, rng, indices=[self.i] * n)[0], np.zeros(n, int)
+
+
+#: the low-field regime of :class:`LowFieldSRTask` (over :meth:`SRTask.preset`'s generator):
+#: portable low-field scanners give about 1.5 x 1.5 x 5 mm, low SNR, weak contrast. Every
+#: example is at a simulated lower resolution, 80 % of them thick-slice (3-7 mm, 1.2-2 mm in
+#: plane); the per-label noise (GMM standard deviations 5-45 against 0-30) and the white noise
+#: (up to 10) come before the slice blur, so they partly average out, as thermal noise does
+#: over a thick voxel
+LOWFIELD_GENERATOR = {'isotropic_range_mm': (1.5, 3.5), 'anisotropic_range_mm': (3.0, 7.0),
+                      'anisotropic_inplane_range_mm': (1.2, 2.0), 'anisotropic_prob': 0.8,
+                      'std_range': (5.0, 45.0), 'noise_std_max': 10.0, 'resolution_prob': 1.0}
+
+
+class LowFieldSRTask(SRTask):
+    """:class:`SRTask` on low-field-like inputs (``mri_synthsr --lowfield``): the same targets,
+    network and loss, the generator biased to :data:`LOWFIELD_GENERATOR`; trained from the
+    standard model's weights (``--init models/synthsr``)."""
+    name = 'synthsr_lowfield'
+
+    @classmethod
+    def preset(cls, maps):
+        cfg = super().preset(maps)
+        cfg.task = cls.name
+        cfg.generator = {**cfg.generator, **LOWFIELD_GENERATOR}
+        return cfg
