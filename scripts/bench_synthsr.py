@@ -94,36 +94,44 @@ def lowfield(seg, sr, sr_lowfield, args, labels):
     the standard SynthSR model and after the low-field one (``sr_lowfield``, or None).
     Returns (scores, markdown lines)."""
     rng = np.random.default_rng(1)
-    rows = []
+    rows, sims = [], []
     for name in OASIS[:args.subjects]:
         t1 = io.load_volume(os.path.join(args.data, name, 't1.nii.gz'))
         ref = fold(np.asarray(io.load_volume(os.path.join(args.data, name, 'aseg.nii.gz')).data))
         img, aff = lowfield_like(t1.data, t1.affine, rng)
-        row = [mean(dice(seg, img, aff, ref, t1.affine, labels))]
+        row, sim = [mean(dice(seg, img, aff, ref, t1.affine, labels))], []
         for model in (sr, sr_lowfield):
             if model is not None:
                 out, out_aff = synthesize(model, img, aff)
                 row.append(mean(dice(seg, out, out_aff, ref, t1.affine, labels)))
+                sim += list(similarity(out, out_aff, t1, ref))
         rows.append(row)
-        print('%s low-field-like: direct %s' % (name, ', SynthSR '.join(
-            '%.3f' % v for v in row)), flush=True)
-    means = np.mean(rows, 0)
+        sims.append(sim)
+        print('%s low-field-like: direct %s (corr, SSIM with the real T1: %s)' % (
+            name, ', SynthSR '.join('%.3f' % v for v in row), ', '.join('%.3f' % v for v in sim)),
+            flush=True)
+    means, sim = np.mean(rows, 0), np.mean(sims, 0)
     scores = {'lowfield_like_seg_dice_direct': round(float(means[0]), 4),
-              'lowfield_like_seg_dice_synthsr': round(float(means[1]), 4)}
+              'lowfield_like_seg_dice_synthsr': round(float(means[1]), 4),
+              'lowfield_like_corr_synthsr': round(float(sim[0]), 4),
+              'lowfield_like_ssim_synthsr': round(float(sim[1]), 4)}
     if sr_lowfield is not None:
-        scores['lowfield_like_seg_dice_synthsr_lowfield'] = round(float(means[2]), 4)
+        scores.update({'lowfield_like_seg_dice_synthsr_lowfield': round(float(means[2]), 4),
+                       'lowfield_like_corr_synthsr_lowfield': round(float(sim[2]), 4),
+                       'lowfield_like_ssim_synthsr_lowfield': round(float(sim[3]), 4)})
     lines = ['', '## Low-field-like scans (`--lowfield`)', '',
              'The OASIS T1s made low-field-like (scripts/benchlib.py `lowfield_like`: contrast '
              'compressed by a gamma of 0.7, 1.5 x 5 x 1.5 mm axial slices, Rician noise of 0.05 '
              'of the 99th percentile), segmented with mri_synthseg; mean Dice against the '
-             'FreeSurfer aseg (%d subjects):' % len(rows), '',
-             '| input | mean Dice |', '| --- | --- |',
-             '| segmented directly | %.3f |' % means[0],
-             '| after SynthSR (standard model) | %.3f |' % means[1]]
+             'FreeSurfer aseg (%d subjects), and the SynthSR output\'s correlation and SSIM '
+             'with the real 1 mm T1 inside the brain:' % len(rows), '',
+             '| input | mean Dice | corr | SSIM |', '| --- | --- | --- | --- |',
+             '| segmented directly | %.3f | - | - |' % means[0],
+             '| after SynthSR (standard model) | %.3f | %.3f | %.3f |' % (means[1], *sim[:2])]
     if sr_lowfield is not None:
-        lines.append('| after SynthSR `--lowfield` (`%s`, %s steps) | %.3f |' % (
-            args.lowfield_model, sr_lowfield.card.get('training', {}).get('steps', '?'),
-            means[2]))
+        lines.append('| after SynthSR `--lowfield` (`%s`, %s steps) | %.3f | %.3f | %.3f |' % (
+            os.path.relpath(args.lowfield_model), sr_lowfield.card.get('training', {}).get(
+                'steps', '?'), means[2], *sim[2:]))
     return scores, lines
 
 

@@ -286,6 +286,42 @@ def test_synthsr_refuses_models_not_trained(tmp_path, sr_model, monkeypatch, cap
     assert not os.path.exists(str(tmp_path / 'o.nii.gz'))
 
 
+def test_synthsr_lowfield_runs_the_lowfield_model_where_it_is_shipped(tmp_path, sr_model,
+                                                                     monkeypatch, capsys):
+    """--lowfield takes models/synthsr_lowfield (a card of either SynthSR task), the plain
+    command the standard model; synthkit-batch --lowfield the same."""
+    import shutil
+    from synthkit.batch import tools
+    from synthkit.models.synthsr import inference
+    folder = tmp_path / 'models'
+    shutil.copytree(sr_model, folder)
+    cfg = nets.UNetConfig(out_channels=1, final_activation='linear', features=4, levels=2,
+                          convs_per_level=1)
+    seeded(nets.unet(cfg), 6).save_weights(str(folder / 'synthsr_lowfield.weights.h5'))
+    (folder / 'synthsr_lowfield.json').write_text(json.dumps({
+        'task': 'synthsr_lowfield', 'architecture': {'type': 'unet', **cfg.to_dict()},
+        'input': {'voxsize_mm': 1.0}}))
+    monkeypatch.setenv('SYNTHKIT_MODELS', str(folder))
+    loaded = []
+    original = inference.Synthesizer.__init__
+
+    def spy(self, weights=None, card=None, *args, **kwargs):
+        loaded.append(os.path.basename(weights))
+        original(self, weights, card, *args, **kwargs)
+    monkeypatch.setattr(inference.Synthesizer, '__init__', spy)
+    inp = _scan(str(tmp_path / 'a.nii.gz'))
+    outs = [str(tmp_path / n) for n in ('low.nii.gz', 'std.nii.gz')]
+    for out, flags in zip(outs, (['--lowfield'], [])):
+        code, err = run(['--i', inp, '--o', out] + flags, capsys)
+        assert code == 0, err
+    assert loaded == ['synthsr_lowfield.weights.h5', 'synthsr.weights.h5']
+    low, std = (nib.load(o).get_fdata() for o in outs)
+    assert low.shape == std.shape and not np.allclose(low, std)
+    tool = tools.get('mri_synthsr', lowfield=True)
+    assert os.path.basename(tool.weights) == 'synthsr_lowfield.weights.h5'
+    assert tool.signature()['model'] != tools.get('mri_synthsr').signature()['model']
+
+
 def test_synthsr_ct_clips_before_rescaling(tmp_path, sr_model, monkeypatch, capsys):
     """--ct clips to [0, 80] HU: bone at 1000 HU and air at -1000 do not set the contrast."""
     monkeypatch.setenv('SYNTHKIT_MODELS', str(sr_model))
