@@ -120,10 +120,9 @@ def resample(array, src_affine, dst_shape, dst_affine, interp='linear', fill=0):
         if dtype == np.bool_:
             array = array.view(np.uint8)
     pairs = _pair_lattice_map(vox)
-    if pairs is not None and all(step == 1 for _, _, step, _ in pairs):
-        # whole voxels onto whole voxels: exact, no interpolation
-        out = _take_lattice(array, [(s, sign, start) for s, sign, _, start in pairs],
-                            dst_shape, fill)
+    lattice = _whole_voxels(pairs)
+    if lattice is not None:            # whole voxels onto whole voxels: exact, no interpolation
+        out = _take_lattice(array, lattice, dst_shape, fill)
         return out.view(np.bool_) if dtype == np.bool_ else out
     if pairs is not None and order == 1 and fill == 0:
         # 2 mm centres between 1 mm ones: means of voxel pairs
@@ -140,11 +139,16 @@ def resample(array, src_affine, dst_shape, dst_affine, interp='linear', fill=0):
     return out.view(np.bool_) if dtype == np.bool_ else out
 
 
-def _voxel_lattice_map(vox, src_shape=None, tol=1e-6):
+def _voxel_lattice_map(vox, tol=1e-6):
     """``[(source axis, sign, offset)]`` per destination axis when the voxel map ``vox`` (4x4,
     destination -> source voxels) sends voxel centres onto voxel centres (a signed axis
-    permutation with whole-voxel offsets: a :func:`_pair_lattice_map` of steps 1), else None."""
-    pairs = _pair_lattice_map(vox, tol)
+    permutation with whole-voxel offsets), else None."""
+    return _whole_voxels(_pair_lattice_map(vox, tol))
+
+
+def _whole_voxels(pairs):
+    """A :func:`_pair_lattice_map` (or None) as ``[(source axis, sign, offset)]`` when all its
+    steps are 1 (whole voxels), else None."""
     if pairs is None or any(step != 1 for _, _, step, _ in pairs):
         return None
     return [(s, sign, start) for s, sign, _, start in pairs]
