@@ -299,20 +299,11 @@ class SynthSR(Tool):
         g.add_argument('--model', metavar='WEIGHTS', help='weights file (default: shipped)')
 
     def check(self):
-        lowfield = getattr(self.options, 'lowfield', False)
-        try:
-            self.weights, self.card = common.find_model(
-                'synthsr_lowfield' if lowfield else 'synthsr', self.options.model,
-                tasks=('synthsr', 'synthsr_lowfield'))
-        except common.ModelUnavailable:
-            if lowfield and not self.options.model:
-                raise common.ModelUnavailable('--lowfield: model not yet available (the '
-                                              'low-field variant is not trained yet)') from None
-            raise
-        card = self.card
+        from ..models.synthsr.cli import find_model
+        self.weights, self.card = find_model(self.options.lowfield, self.options.model)
         # the hybrid renders from mri_synthseg's posteriors: its weights are part of the result
         self.seg_weights = None
-        if card.get('architecture', {}).get('type') == 'synthsr_hybrid':
+        if self.card.get('architecture', {}).get('type') == 'synthsr_hybrid':
             self.seg_weights = common.find_model('synthseg')[0]
 
     def signature(self):

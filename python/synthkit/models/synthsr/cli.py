@@ -87,24 +87,30 @@ def synthesize_one(sr, args, inp, out):
     return True
 
 
+def find_model(lowfield=False, model=None):
+    """(weights, card) of the SynthSR model ``--model`` names, else the shipped one
+    (``models/synthsr_lowfield`` with ``lowfield``); raises ModelUnavailable, for
+    ``--lowfield`` with its own message while that variant is not shipped."""
+    try:
+        return common.find_model('synthsr_lowfield' if lowfield else 'synthsr', model,
+                                 tasks=('synthsr', 'synthsr_lowfield'))
+    except common.ModelUnavailable:
+        if lowfield and not model:
+            raise common.ModelUnavailable('--lowfield: model not yet available (the low-field '
+                                          'variant is not trained yet)') from None
+        raise
+
+
 def synthesize(args):
     common.require_inputs(args.i)
     if args.crop and len(args.crop) not in (1, 3):
         raise common.ToolError('--crop takes 1 or 3 sizes')
     if args.v1:
         raise common.ModelUnavailable('--v1: model not yet available (SynthSR 1.0)')
-    name = 'synthsr_lowfield' if args.lowfield else 'synthsr'
     if args.cpu:
         common.hide_gpus()
     pairs = _outputs(args)                   # every output checked before any work
-    try:
-        weights, card = common.find_model(name, args.model,
-                                          tasks=('synthsr', 'synthsr_lowfield'))
-    except common.ModelUnavailable:
-        if args.lowfield and not args.model:
-            raise common.ModelUnavailable('--lowfield: model not yet available (the low-field '
-                                          'variant is not trained yet)') from None
-        raise
+    weights, card = find_model(args.lowfield, args.model)
     common.set_threads(args.threads)
     from .inference import Synthesizer      # TensorFlow: only once the arguments are known good
     sr = Synthesizer(weights, card)
