@@ -208,13 +208,19 @@ def test_sharpen_raises_edges_and_keeps_flat_regions():
 @pytest.fixture(scope='module')
 def sr_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp('sr_model')
+    _save_tiny_sr_model(folder, 'synthsr', seed=5)
+    return folder
+
+
+def _save_tiny_sr_model(folder, name, seed):
+    """A tiny random plain SynthSR U-Net as ``folder/NAME.weights.h5`` with its card (task
+    ``name``)."""
     cfg = nets.UNetConfig(out_channels=1, final_activation='linear', features=4, levels=2,
                           convs_per_level=1)
-    seeded(nets.unet(cfg), 5).save_weights(str(folder / 'synthsr.weights.h5'))
-    (folder / 'synthsr.json').write_text(json.dumps({
-        'task': 'synthsr', 'architecture': {'type': 'unet', **cfg.to_dict()},
+    seeded(nets.unet(cfg), seed).save_weights(str(folder / (name + '.weights.h5')))
+    (folder / (name + '.json')).write_text(json.dumps({
+        'task': name, 'architecture': {'type': 'unet', **cfg.to_dict()},
         'input': {'voxsize_mm': 1.0}}))
-    return folder
 
 
 def _scan(path, voxsize=(1.2, 1.2, 4.0)):
@@ -295,12 +301,7 @@ def test_synthsr_lowfield_runs_the_lowfield_model_where_it_is_shipped(tmp_path, 
     from synthkit.models.synthsr import inference
     folder = tmp_path / 'models'
     shutil.copytree(sr_model, folder)
-    cfg = nets.UNetConfig(out_channels=1, final_activation='linear', features=4, levels=2,
-                          convs_per_level=1)
-    seeded(nets.unet(cfg), 6).save_weights(str(folder / 'synthsr_lowfield.weights.h5'))
-    (folder / 'synthsr_lowfield.json').write_text(json.dumps({
-        'task': 'synthsr_lowfield', 'architecture': {'type': 'unet', **cfg.to_dict()},
-        'input': {'voxsize_mm': 1.0}}))
+    _save_tiny_sr_model(folder, 'synthsr_lowfield', seed=6)
     monkeypatch.setenv('SYNTHKIT_MODELS', str(folder))
     loaded = []
     original = inference.Synthesizer.__init__
