@@ -5,17 +5,19 @@ Model code is written with ``keras.ops`` and runs unchanged on TensorFlow, JAX a
 turning a Python function into a compiled program is backend-specific. On TensorFlow that is a
 ``tf.function`` graph (optionally XLA); on JAX and PyTorch functions run as they are here (their
 training steps are compiled by Keras itself).
+
+Keras (and with it TensorFlow, 3 s) is imported by the functions that need it, not by this module:
+a command whose networks all run on OpenVINO (:mod:`synthkit.runtime`) never imports it.
 """
 
 import os
-
-import keras
 
 
 def compiled(fn, jit=False, reduce_retracing=False, input_signature=None):
     """``fn`` compiled for the active backend: a TensorFlow graph (XLA with ``jit``; traced once
     for all inputs that fit ``input_signature``, a list of ``tf.TensorSpec`` structures, if
     given), or ``fn`` itself on the other backends."""
+    import keras
     if keras.backend.backend() == 'tensorflow':
         import tensorflow as tf
         return tf.function(fn, jit_compile=True if jit else None,
@@ -33,6 +35,7 @@ def compiled_random(layer, fn, jit=None):
     path on a CPU).
     On a GPU the whole generator is then one program on the chip; on the CPU XLA's code for it is
     slower than running it op by op (96^3 at 2 mm: 0.57 vs 0.34 s per pair here)."""
+    import keras
     name = keras.backend.backend()
     if name == 'tensorflow':
         return compiled(fn)
@@ -71,6 +74,7 @@ def predictor(model, training=False):
     TensorFlow graph needs less than half the memory of eager execution and is faster). On
     TensorFlow it is traced once for inputs of any size (the model's own input shapes, which
     leave the spatial sizes free): tiles of many shapes do not each build a graph."""
+    import keras
     attr = '_synthkit_predict_%s' % ('train' if training else 'infer')
     fn = getattr(model, attr, None)
     if fn is None:
@@ -93,6 +97,7 @@ def flip_predictor(model, axis, out_perm, in_perm=None, training=False):
     its channels taken in ``out_perm`` order (left/right labels swapped). The cast, the flips
     and the channel permutations run inside the graph, on all threads, instead of as numpy
     copies of the tile; the mirrored pass starts after the first (peak memory of one pass)."""
+    import keras
     if keras.backend.backend() != 'tensorflow':
         return None
     import tensorflow as tf
@@ -131,20 +136,26 @@ class dtype_policy:
         self.name = name
 
     def __enter__(self):
+        import keras
         self.old = keras.config.dtype_policy()
         keras.config.set_dtype_policy(self.name)
         return self
 
     def __exit__(self, *exc):
+        import keras
         keras.config.set_dtype_policy(self.old)
 
 
 def bfloat16_hardware():
     """Whether this machine computes bfloat16 convolutions natively: a GPU, or a CPU with AMX
-    or AVX-512 BF16 (Linux's /proc/cpuinfo flags). Where not, bfloat16 is emulated and slower
+    or AVX-512 BF16 (:func:`bfloat16_cpu`). Where not, bfloat16 is emulated and slower
     than float32."""
-    if accelerator() is not None:
-        return True
+    return accelerator() is not None or bfloat16_cpu()
+
+
+def bfloat16_cpu():
+    """Whether this CPU computes bfloat16 natively: AMX or AVX-512 BF16 in Linux's
+    /proc/cpuinfo flags (no Keras import: :mod:`synthkit.runtime` asks it for OpenVINO)."""
     try:
         with open('/proc/cpuinfo') as f:
             flags = f.read()
@@ -157,23 +168,27 @@ def bfloat16_hardware():
 INFERENCE_PRECISIONS = ('auto', 'float32', 'bfloat16', 'mixed_bfloat16')
 
 
-def inference_precision(name=None):
+def inference_precision(name=None, hardware=None):
     """The precision the shipped networks compute in at inference: ``name`` or else the
     environment variable SYNTHKIT_PRECISION, one of :data:`INFERENCE_PRECISIONS`; 'auto' (the
     default) is mixed_bfloat16 where the hardware computes bfloat16 natively
     (:func:`bfloat16_hardware`), else float32. Weights stay float32 and each network's head
-    computes in float32 (nets.unet); docs/training.md has what it changes."""
+    computes in float32 (nets.unet); docs/training.md has what it changes. ``hardware``: the
+    function that tells whether bfloat16 is native (default :func:`bfloat16_hardware`; a runtime
+    that computes on the CPU alone passes :func:`bfloat16_cpu`)."""
     name = (name or os.environ.get('SYNTHKIT_PRECISION') or 'auto').strip().lower()
     if name not in INFERENCE_PRECISIONS:
         raise ValueError('SYNTHKIT_PRECISION must be one of %s, got %r'
                          % (', '.join(INFERENCE_PRECISIONS), name))
     if name == 'auto':
-        return 'mixed_bfloat16' if bfloat16_hardware() else 'float32'
+        native = (hardware or bfloat16_hardware)()
+        return 'mixed_bfloat16' if native else 'float32'
     return 'mixed_bfloat16' if name == 'bfloat16' else name
 
 
 def accelerator():
     """The accelerator the Keras backend uses (its name), or None on the CPU."""
+    import keras
     try:
         backend = keras.backend.backend()
         if backend == 'jax':

@@ -3,15 +3,14 @@
 :func:`unet` builds the configurable 3-D U-Net of the SynthSeg/SynthStrip family; a
 :class:`UNetConfig` describes it so a model card can record it and a tool can rebuild it before
 loading weights.
+
+Keras is imported by the functions that build networks, not by this module (:class:`UNetConfig`
+serves :mod:`synthkit.runtime` without TensorFlow's import).
 """
 
 import dataclasses
 
-import keras
 import numpy as np
-from keras import layers
-
-from . import backend
 
 
 @dataclasses.dataclass
@@ -51,6 +50,7 @@ class UNetConfig:
 
 
 def _norm(kind, name):
+    from keras import layers
     if kind == 'batch':
         return layers.BatchNormalization(name=name)
     if kind == 'layer':
@@ -63,6 +63,7 @@ def _norm(kind, name):
 
 
 def _conv_block(x, feats, cfg, name):
+    from keras import layers
     for i in range(cfg.convs_per_level):
         x = layers.Conv3D(feats, 3, padding='same', name='%s_conv%d' % (name, i))(x)
         x = layers.Activation(cfg.activation, name='%s_act%d' % (name, i))(x)
@@ -72,6 +73,8 @@ def _conv_block(x, feats, cfg, name):
 
 def unet(cfg=None, shape=(None, None, None), name='unet'):
     """Build a 3-D U-Net: (B, X, Y, Z, in_channels) -> (B, X, Y, Z, out_channels)."""
+    import keras
+    from keras import layers
     cfg = cfg or UNetConfig()
     inp = keras.Input((*shape, cfg.in_channels), name='image')
     x, skips = inp, []
@@ -102,6 +105,7 @@ def widen(narrow, wide, narrow_cfg, wide_cfg):
     random weights on their inputs, and their weights into the old channels (and the head) are
     zero: they contribute nothing until training moves those weights, then add capacity to a
     trained network (function-preserving widening, as Net2Net) instead of starting over."""
+    from keras import layers
     same = ('in_channels', 'out_channels', 'feature_mult', 'levels', 'convs_per_level',
             'activation', 'norm', 'final_activation')
     for key in same:
@@ -161,6 +165,7 @@ class ImageStatistics:
     training = True
 
     def __init__(self, model):
+        from . import backend
         self.model = model
         self.output_shape = model.output_shape
         # a graph on TensorFlow: less than half the memory of eager calls
@@ -187,6 +192,7 @@ def load_unet(weights, card, precision='float32'):
 
     When the card's ``input.norm_statistics`` is ``'image'`` the model normalizes with each
     input's own statistics (see :class:`ImageStatistics`)."""
+    from . import backend
     cfg = UNetConfig.from_dict(card['architecture'])
     with backend.dtype_policy(precision):
         model = unet(cfg)

@@ -2,6 +2,7 @@
 and moving network-grid outputs to the output grid."""
 
 import os
+import sys
 
 import numpy as np
 from scipy import ndimage
@@ -136,16 +137,22 @@ def _predict_one(model, x, flip=None, empty=0):
 
 
 def _flip_program(model, flip):
-    """The compiled flip-averaged prediction of ``model`` (a Keras model, or a wrapper with
-    ``model`` and ``training``: :class:`synthkit.nets.ImageStatistics`) for ``flip``, or None
-    (another kind of model, or not the TensorFlow backend): then numpy flips the tile."""
+    """The compiled flip-averaged prediction of ``model`` for ``flip``: its own
+    ``flip_program`` (:class:`synthkit.runtime.OpenVINOUNet`), or for a Keras model (or a wrapper
+    with ``model`` and ``training``: :class:`synthkit.nets.ImageStatistics`) on TensorFlow a graph;
+    else None (then numpy flips the tile)."""
+    in_perm = flip[2] if len(flip) > 2 else None
+    own = getattr(model, 'flip_program', None)
+    if own is not None:
+        return own(flip[0], flip[1], in_perm)
+    if 'keras' not in sys.modules:      # no Keras model can exist: do not import it (3 s)
+        return None
     import keras
     net, training = (model, False) if isinstance(model, keras.Model) else \
         (getattr(model, 'model', None), getattr(model, 'training', None))
     if not isinstance(net, keras.Model) or training is None:
         return None
     from .backend import flip_predictor
-    in_perm = flip[2] if len(flip) > 2 else None
     return flip_predictor(net, flip[0], flip[1], in_perm, training)
 
 

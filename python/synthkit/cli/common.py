@@ -121,13 +121,17 @@ def check_outputs(inputs, outputs):
 
 
 def set_threads(n):
-    """Limit numpy/TensorFlow to ``n`` threads (None or <= 0: leave the defaults)."""
+    """Limit numpy, OpenVINO and TensorFlow to ``n`` threads (None or <= 0: leave the
+    defaults). TensorFlow reads its limits from the environment when it starts, so this imports
+    it only where it is already imported (a command on OpenVINO alone never needs it)."""
     if not n or n <= 0:
         return
-    for var in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS'):
+    for var in ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS',
+                'TF_NUM_INTRAOP_THREADS', 'TF_NUM_INTEROP_THREADS'):
         os.environ[var] = str(n)
-    import keras
-    if keras.backend.backend() == 'tensorflow':
+    from .. import runtime
+    runtime.set_threads(n)
+    if 'tensorflow' in sys.modules:
         import tensorflow as tf
         try:
             tf.config.threading.set_intra_op_parallelism_threads(n)

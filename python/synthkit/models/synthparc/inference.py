@@ -4,7 +4,7 @@ first network found -> parcel posteriors, flip-averaged with the hemispheres swa
 import numpy as np
 from scipy import ndimage
 
-from ... import backend, nets, predict
+from ... import predict, runtime
 from ...layers.utils import sample_linear
 from ... import labels as lab
 from ...cli import common
@@ -29,8 +29,7 @@ class Parcellator:
     def __init__(self, weights=None, card=None, precision=None):
         path, card = (weights, card) if card is not None else \
             common.find_model('synthparc', weights)
-        self.precision = backend.inference_precision(precision)
-        self.model, self.cfg = nets.load_unet(path, card, self.precision)
+        self.model, self.cfg = runtime.load_unet(path, card, precision)
         self.labels = tuple(card['output_labels'])
         if self.labels != CHANNEL_LABELS:
             raise common.ToolError('%s: not a Desikan-Killiany parcellation model (its card '

@@ -4,7 +4,7 @@
 import numpy as np
 from scipy import ndimage
 
-from ... import backend, geometry, nets, predict
+from ... import geometry, predict, runtime
 from ... import labels as lab
 from ...cli import common
 from ...predict import largest_component
@@ -99,8 +99,7 @@ class Segmenter:
         see :func:`synthkit.backend.inference_precision`)."""
         path, card = (weights, card) if card is not None else \
             common.find_model('synthseg', weights)
-        self.precision = backend.inference_precision(precision)
-        self.model, self.cfg = nets.load_unet(path, card, self.precision)
+        self.model, self.cfg = runtime.load_unet(path, card, precision)
         self.labels = tuple(card['output_labels'])
         self.voxsize = float(card['input'].get('voxsize_mm', 1.0))
         self.card = card

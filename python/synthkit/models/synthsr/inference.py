@@ -9,7 +9,7 @@ refined posteriors'."""
 import numpy as np
 from scipy import ndimage
 
-from ... import backend, geometry, nets, predict
+from ... import backend, geometry, predict, runtime
 from ...cli import common
 from ...labels import SEGMENTATION_LABELS, lr_swap_table
 from ..synthseg.inference import content_box
@@ -64,7 +64,7 @@ class Synthesizer:
             self.segmenter = hybrid.get_layer('frozen_synthseg')
             self.model = hybrid.get_layer('sr_core')
         else:
-            self.model, cfg = nets.load_unet(path, card, self.precision)
+            self.model, cfg = runtime.load_unet(path, card, self.precision)
             self.divisor = cfg.divisor
         self.card = card
 

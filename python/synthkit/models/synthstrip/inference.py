@@ -4,14 +4,14 @@ grid, brain mask."""
 import numpy as np
 from scipy import ndimage
 
-from ... import geometry, nets, predict
+from ... import geometry, predict, runtime
 
 
 class Stripper:
     """The loaded distance network and how to run it on one 3-D image."""
 
     def __init__(self, path, card):
-        self.model, self.cfg = nets.load_unet(path, card)
+        self.model, self.cfg = runtime.load_unet(path, card, 'float32')
         self.voxsize = float(card['input'].get('voxsize_mm', 1.0))
         self.far = 2 * float((card.get('target') or {}).get('band_mm', 5.0))
 
