@@ -173,3 +173,16 @@ def test_mri_synthseg_on_openvino_never_imports_tensorflow(tmp_path):
     a = np.asarray(nib.load(str(tmp_path / 'seg_openvino.nii.gz')).dataobj)
     b = np.asarray(nib.load(str(tmp_path / 'seg_keras.nii.gz')).dataobj)
     assert (a == b).mean() > 0.999 and len(np.unique(a)) > 1
+
+
+def test_predict_tiled_frees_the_programs_when_the_scan_is_done(tmp_path):
+    path, card, _ = _net(tmp_path)
+    net, _ = runtime.load_unet(path, card, 'float32', runtime='openvino')
+    x = _image((24, 16, 32), seed=3)[0, ..., 0]
+    first = predict.predict_tiled(net, x, tile=16, overlap=8, divisor=4)    # several tiles
+    assert net._programs == {}
+    assert np.array_equal(predict.predict_tiled(net, x, tile=16, overlap=8, divisor=4), first)
+    net.predict_on_batch(x[None, ..., None])
+    assert len(net._programs) == 1
+    with pytest.raises(ValueError, match='multiples of 4'):
+        net.predict_on_batch(x[None, :10, ..., None])

@@ -236,6 +236,11 @@ class OpenVINOUNet:
         out = request.infer({0: x}, share_inputs=True, share_outputs=True)[0]
         return np.array(out, np.float32)
 
+    def release(self):
+        """Free the compiled programs and their buffers (the next call compiles again): a
+        scan's network pass is over, and its memory is wanted for what follows."""
+        self._programs.clear()
+
     def predict_on_batch(self, x):
         """(1, X, Y, Z, in) -> (1, X, Y, Z, out) float32."""
         def build(op, x):
