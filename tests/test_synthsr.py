@@ -353,6 +353,7 @@ def test_hybrid_network_trains_checkpoints_exports_and_synthesizes(tmp_path, ban
     from synthkit.models.synthsr.inference import Synthesizer
     prefix = _tiny_synthseg(tmp_path)
     cfg = TrainConfig(**{**bank_cfg.__dict__, 'steps': 2, 'val_every': 2,
+                         'unet': dict(bank_cfg.unet, norm=None),     # as the shipped one
                          'task_options': {'seg_weight': 0.25, 'seg_model': prefix,
                                           'seg_input': True}})
     task = models.create(cfg)
@@ -384,6 +385,17 @@ def test_hybrid_network_trains_checkpoints_exports_and_synthesizes(tmp_path, ban
     data[5:25, 5:25, 5:25] = np.random.default_rng(1).random((20, 20, 20)) + 1
     out = sr.synthesize(data, np.eye(4))
     assert out.image.shape == out.grid.data.shape and np.isfinite(out.image).all()
+    # the U-Net read from the hybrid's weights onto OpenVINO computes what Keras' does
+    from synthkit import runtime
+    if runtime.openvino_available():
+        assert isinstance(sr.model, runtime.OpenVINOUNet)
+        monkeypatch.setenv('SYNTHKIT_RUNTIME', 'keras')
+        on_keras = Synthesizer(str(tmp_path / 'synthsr.weights.h5'), card,
+                               seg_model=prefix + '.weights.h5')
+        assert not isinstance(on_keras.model, runtime.OpenVINOUNet)
+        np.testing.assert_allclose(on_keras.synthesize(data, np.eye(4)).image, out.image,
+                                   atol=2e-3 * np.abs(out.image).max())
+        monkeypatch.delenv('SYNTHKIT_RUNTIME')
     # fed the SynthSeg pipeline's refined 1 mm posteriors (the default), or its own 2 mm ones
     sr.refine = False
     own = sr.synthesize(data, np.eye(4))

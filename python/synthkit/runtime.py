@@ -94,34 +94,67 @@ def read_weights(path, cfg):
     """The convolutions' (kernel, bias) and the normalizations' (scale, offset) of a U-Net's
     Keras ``.weights.h5`` file, in the order :func:`synthkit.nets.unet` creates the layers
     (Keras numbers each layer class in that order: conv3d, conv3d_1, ...), read with h5py:
-    {'conv': [...], 'norm': [...]}. A file of another network raises ``ValueError``."""
+    {'conv': [...], 'norm': [...]}. The U-Net may also be a part of a larger model (a nested
+    functional model, as SynthSR's hybrid holds its ``sr_core``): the one whose layers fit
+    ``cfg`` is taken. A file without such a U-Net raises ``ValueError``."""
     import h5py
-
-    def numbered(group, base):
-        names = [k for k in group if k == base or
-                 (k.startswith(base + '_') and k[len(base) + 1:].isdigit())]
-        return sorted(names, key=lambda k: int(k[len(base) + 1:] or 0) if k != base else -1)
-
     n_conv = cfg.levels * cfg.convs_per_level + (cfg.levels - 1) * cfg.convs_per_level + 1
     n_norm = 0 if cfg.norm in (None, 'none') else 2 * cfg.levels - 1
+    found = []
     try:
         with h5py.File(path, 'r') as f:
-            group = f['layers']
-            convs = [tuple(np.asarray(group[k]['vars'][str(i)], np.float32) for i in range(2))
-                     for k in numbered(group, 'conv3d')]
-            norms = [tuple(np.asarray(group[k]['vars'][str(i)], np.float32) for i in range(2))
-                     for k in numbered(group, 'batch_normalization')]
+            groups = [f['layers']] + [f['layers'][k]['layers'] for k in f['layers']
+                                      if 'layers' in f['layers'][k]]
+            for group in groups:
+                convs = [tuple(np.asarray(group[k]['vars'][str(i)], np.float32)
+                               for i in range(2)) for k in _numbered(group, 'conv3d')]
+                norms = [tuple(np.asarray(group[k]['vars'][str(i)], np.float32)
+                               for i in range(2)) for k in _numbered(group, 'batch_normalization')]
+                found.append((convs, norms))
     except (OSError, KeyError) as e:
         raise ValueError('%s: cannot read these weights (%s)' % (path, e)) from None
-    if len(convs) != n_conv or len(norms) != n_norm:
-        raise ValueError('%s: %d convolutions and %d normalizations, the card\'s U-Net has %d '
-                         'and %d' % (path, len(convs), len(norms), n_conv, n_norm))
-    first, head = convs[0][0], convs[-1][0]
-    if first.shape[3] != cfg.in_channels or first.shape[4] != cfg.features or \
-            head.shape[4] != cfg.out_channels:
-        raise ValueError('%s: weights of another network (input %s, output %s channels)'
-                         % (path, first.shape[3], head.shape[4]))
-    return {'conv': convs, 'norm': norms}
+    counts = []
+    for convs, norms in found:
+        if not convs:
+            continue
+        counts.append('%d convolutions and %d normalizations' % (len(convs), len(norms)))
+        if len(convs) != n_conv or len(norms) != n_norm:
+            continue
+        first, head = convs[0][0], convs[-1][0]
+        if first.shape[3] == cfg.in_channels and first.shape[4] == cfg.features and \
+                head.shape[4] == cfg.out_channels:
+            return {'conv': convs, 'norm': norms}
+    raise ValueError('%s: no U-Net of the card\'s (%d convolutions and %d normalizations, %d '
+                     'input, %d features, %d output channels) in these weights (%s)'
+                     % (path, n_conv, n_norm, cfg.in_channels, cfg.features, cfg.out_channels,
+                        '; '.join(counts) or 'no convolutions'))
+
+
+def _numbered(group, base):
+    """``base``, ``base_1``, ``base_2``, ... of an h5py group, in Keras' numbering order."""
+    names = [k for k in group if k == base or
+             (k.startswith(base + '_') and k[len(base) + 1:].isdigit())]
+    return sorted(names, key=lambda k: -1 if k == base else int(k[len(base) + 1:]))
+
+
+def load_part(weights, unet_architecture, norm_statistics, precision=None, runtime=None):
+    """The U-Net of ``unet_architecture`` (a model card's ``architecture`` entry for it, e.g. a
+    SynthSR hybrid's ``unet``) within ``weights`` as an :class:`OpenVINOUNet`, or None where
+    the Keras runtime is to compute it (SYNTHKIT_RUNTIME=keras, OpenVINO not installed, or a
+    network it cannot compute). ``norm_statistics``: the card's ``input.norm_statistics``."""
+    from . import backend
+    card = {'architecture': dict(unet_architecture, type='unet'),
+            'input': {'norm_statistics': norm_statistics}}
+    name = choice(runtime)
+    why = supported(card)
+    if name == 'keras' or not openvino_available() or why is not None:
+        if name == 'openvino':
+            raise ValueError('SYNTHKIT_RUNTIME=openvino cannot compute this network: %s'
+                             % (why or 'OpenVINO is not installed'))
+        return None
+    cfg = _config(card)
+    precision = backend.inference_precision(precision, hardware=backend.bfloat16_cpu)
+    return OpenVINOUNet(cfg, read_weights(weights, cfg), precision)
 
 
 _ACTIVATIONS = ('elu', 'relu', 'linear')

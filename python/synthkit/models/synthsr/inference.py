@@ -9,11 +9,11 @@ refined posteriors'."""
 import numpy as np
 from scipy import ndimage
 
-from ... import backend, geometry, predict, runtime
+from ... import geometry, predict, runtime
 from ...cli import common
 from ...labels import SEGMENTATION_LABELS, lr_swap_table
 from ..synthseg.inference import content_box
-from .task import WM_T1
+from . import WM_T1
 
 
 class Result:
@@ -52,21 +52,46 @@ class Synthesizer:
         (default: SYNTHKIT_PRECISION, see :func:`synthkit.backend.inference_precision`)."""
         path, card = (weights, card) if card is not None else \
             common.find_model('synthsr', weights)
-        self.precision = backend.inference_precision(precision)
+        self.precision = precision          # resolved by each runtime (synthkit.runtime)
         self.seg_model, self._pipeline = seg_model, None
-        self.segmenter = None
-        if card['architecture']['type'] == 'synthsr_hybrid':
-            from .task import load_hybrid
-            hybrid, self.divisor = load_hybrid(path, card['architecture'], self.precision)
-            # run apart: the segmenter once on the whole image (its batch norm on the whole
-            # image's statistics, as mri_synthseg runs it: per-tile statistics show as seams),
-            # the U-Net in tiles on the image and those posteriors
-            self.segmenter = hybrid.get_layer('frozen_synthseg')
-            self.model = hybrid.get_layer('sr_core')
+        self.path, self.card = path, card
+        self._segmenter = None
+        arch = card['architecture']
+        #: the U-Net takes the image and SynthSeg's posteriors of it (the hybrid network)
+        self.conditioned = arch['type'] == 'synthsr_hybrid'
+        if self.conditioned:
+            from ...nets import UNetConfig
+            self.divisor = 2 * UNetConfig.from_dict(arch['segmenter']).divisor
+            # run apart: the SynthSeg pipeline (or the hybrid's own segmenter) once on the whole
+            # image (its batch norm on the whole image's statistics, as mri_synthseg runs it:
+            # per-tile statistics show as seams), the U-Net in tiles on the image and those
+            # posteriors; the U-Net on OpenVINO where it can be (no TensorFlow import)
+            self.model = runtime.load_part(path, arch['unet'],
+                                           card.get('input', {}).get('norm_statistics'),
+                                           precision)
+            if self.model is None:
+                self.model = self._hybrid().get_layer('sr_core')
         else:
-            self.model, cfg = runtime.load_unet(path, card, self.precision)
+            self.model, cfg = runtime.load_unet(path, card, precision)
             self.divisor = cfg.divisor
-        self.card = card
+
+    def _hybrid(self):
+        """The whole Keras hybrid network (its segmenter, and its U-Net where OpenVINO does
+        not compute it)."""
+        from ... import backend
+        from .task import load_hybrid
+        hybrid, _ = load_hybrid(self.path, self.card['architecture'],
+                                backend.inference_precision(self.precision))
+        return hybrid
+
+    @property
+    def segmenter(self):
+        """The hybrid's own 2 mm SynthSeg network (Keras; loaded when first wanted: with
+        :attr:`refine` the SynthSeg pipeline gives the posteriors instead), or None for a
+        network that takes the image alone."""
+        if self._segmenter is None and self.conditioned:
+            self._segmenter = self._hybrid().get_layer('frozen_synthseg')
+        return self._segmenter
 
     def pipeline(self):
         """The SynthSeg pipeline (:class:`Segmenter`) giving the refined posteriors."""
@@ -94,7 +119,7 @@ class Synthesizer:
         x = grid.data[box]
         out = np.zeros(grid.data.shape, np.float32)
         inputs, mirror = x, (0, [0])
-        if self.segmenter is not None:
+        if self.conditioned:
             if self.refine:
                 inputs = self.refined_inputs(data, affine, grid, box, crop, fast=not flip)
             else:

@@ -29,9 +29,7 @@ from ... import labels as lab
 from ... import backend, losses, nets
 from ... import generator as gen
 from ...task import Options, Task, TrainConfig, resolve_subject, subjects_beside
-
-#: FreeSurfer's T1 scale: white matter is normalized to 110
-WM_T1 = 110.0
+from . import WM_T1  # FreeSurfer's T1 scale, shared with the inference
 
 #: Typical MPRAGE intensity of each generation label (white matter 160): SynthSeg's T1 priors
 #: (``prior_means_t1`` of its release, first row, by contrast-specific class).
