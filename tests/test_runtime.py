@@ -186,3 +186,18 @@ def test_predict_tiled_frees_the_programs_when_the_scan_is_done(tmp_path):
     assert len(net._programs) == 1
     with pytest.raises(ValueError, match='multiples of 4'):
         net.predict_on_batch(x[None, :10, ..., None])
+
+
+def test_float16_inputs_go_in_as_they_are_and_threads_share_a_network(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    path, card, _ = _net(tmp_path, in_channels=3)
+    net, _ = runtime.load_unet(path, card, 'float32', runtime='openvino')
+    x16 = _image((24, 16, 32), 3, seed=4).astype(np.float16)
+    expected = net.predict_on_batch(x16.astype(np.float32))
+    got = net.predict_on_batch(x16)
+    assert got.dtype == np.float32 and np.allclose(got, expected, atol=1e-5)
+    inputs = [_image((16, 16, 16), 3, seed=s) for s in range(6)]
+    alone = [net.predict_on_batch(x) for x in inputs]
+    with ThreadPoolExecutor(3) as pool:         # one request per program: calls serialized
+        together = list(pool.map(net.predict_on_batch, inputs))
+    assert all(np.array_equal(a, b) for a, b in zip(alone, together))

@@ -15,6 +15,7 @@ where it cannot be used). docs/architecture.md ("Inference runtimes") has the me
 """
 
 import os
+import threading
 
 import numpy as np
 
@@ -183,6 +184,7 @@ class OpenVINOUNet:
         self.bfloat16 = precision == 'mixed_bfloat16'
         self._core = ov.Core()
         self._programs = {}
+        self._lock = threading.Lock()
 
     # -- the graph
     def _network(self, x):
@@ -243,36 +245,43 @@ class OpenVINOUNet:
 
     def _run(self, key, build, x):
         """The program ``build(op, x)`` makes for ``key`` on ``x``: compiled for x's shape
-        (static shapes: 25 % less memory than one program for all sizes, and faster), the
-        program of the last shape kept per key (0.1 s to compile; tiles of one scan share a
-        shape), its request's output copied out (the next call reuses the buffer)."""
-        x = np.ascontiguousarray(x, np.float32)
+        (static shapes: 25 % less memory than one program for all sizes, and faster) and
+        dtype (float16 inputs, e.g. SynthSR's 34-channel tiles, go in as they are and are
+        converted inside the program: no float32 copy of the tile), the program of the last
+        shape kept per key (0.1 s to compile; tiles of one scan share a shape), its request's
+        output copied out (the next call reuses the buffer). Calls are serialized (one
+        request per program; a batch worker's threads may share a network)."""
+        dtype = np.float16 if np.asarray(x).dtype == np.float16 else np.float32
+        x = np.ascontiguousarray(x, dtype)
         if x.ndim != 5 or x.shape[0] != 1 or x.shape[-1] != self.cfg.in_channels:
             raise ValueError('expected a (1, X, Y, Z, %d) input, got %s'
                              % (self.cfg.in_channels, x.shape))
         if any(n % self.cfg.divisor for n in x.shape[1:4]):
             raise ValueError('input sizes %s must be multiples of %d'
                              % (x.shape[1:4], self.cfg.divisor))
-        shape, request = self._programs.get(key, (None, None))
-        if shape != x.shape:
-            import openvino as ov
-            from openvino import opset13 as op
-            self._programs.pop(key, None)          # its buffers go before the next's come
-            request = None
-            param = op.parameter(list(x.shape), np.float32, name='x')
-            model = ov.Model([build(op, param)], [param], 'unet')
-            config = {'INFERENCE_PRECISION_HINT': 'bf16' if self.bfloat16 else 'f32'}
-            if _threads[0]:
-                config['INFERENCE_NUM_THREADS'] = _threads[0]
-            request = self._core.compile_model(model, 'CPU', config).create_infer_request()
-            self._programs[key] = (x.shape, request)
-        out = request.infer({0: x}, share_inputs=True, share_outputs=True)[0]
-        return np.array(out, np.float32)
+        with self._lock:
+            shape, request = self._programs.get(key, (None, None))
+            if shape != (x.shape, dtype):
+                import openvino as ov
+                from openvino import opset13 as op
+                self._programs.pop(key, None)      # its buffers go before the next's come
+                request = None
+                param = op.parameter(list(x.shape), dtype, name='x')
+                inp = param if dtype == np.float32 else op.convert(param, np.float32)
+                model = ov.Model([build(op, inp)], [param], 'unet')
+                config = {'INFERENCE_PRECISION_HINT': 'bf16' if self.bfloat16 else 'f32'}
+                if _threads[0]:
+                    config['INFERENCE_NUM_THREADS'] = _threads[0]
+                request = self._core.compile_model(model, 'CPU', config).create_infer_request()
+                self._programs[key] = ((x.shape, dtype), request)
+            out = request.infer({0: x}, share_inputs=True, share_outputs=True)[0]
+            return np.array(out, np.float32)
 
     def release(self):
         """Free the compiled programs and their buffers (the next call compiles again): a
         scan's network pass is over, and its memory is wanted for what follows."""
-        self._programs.clear()
+        with self._lock:
+            self._programs.clear()
 
     def predict_on_batch(self, x):
         """(1, X, Y, Z, in) -> (1, X, Y, Z, out) float32."""

@@ -45,6 +45,9 @@ class Synthesizer:
     #: posteriors repeated to 1 mm (how models trained without ``refine_input`` saw them)
     refine = True
 
+    #: the U-Net runs in tiles of at most this many voxels a side, overlapping by 32
+    tile = 160
+
     def __init__(self, weights=None, card=None, seg_model=None, precision=None):
         """``seg_model``: the SynthSeg weights whose pipeline gives the posteriors with
         :attr:`refine` (default: the shipped model), or a loaded
@@ -125,7 +128,7 @@ class Synthesizer:
             else:
                 inputs = self.inputs(x)
             mirror = (0, [0], [0] + [1 + i for i in lr_swap_table(SEGMENTATION_LABELS)])
-        pred = predict.predict_tiled(self.model, inputs, tile=160, overlap=32,
+        pred = predict.predict_tiled(self.model, inputs, tile=self.tile, overlap=32,
                                      divisor=self.divisor,
                                      flip=mirror if flip else None, empty=[0.0],
                                      progress=progress)[..., 0]
