@@ -170,10 +170,11 @@ class OpenVINOUNet:
     ImageStatistics`: each image normalized with its own statistics), inputs and outputs
     (1, X, Y, Z, C) float32 as Keras has them.
 
-    ``precision`` 'mixed_bfloat16' computes the convolutions in bfloat16 and keeps the
-    normalizations' statistics and the head in float32 (as Keras' mixed policy does), where the
-    CPU has bfloat16 arithmetic; else float32. Programs are compiled for each input shape;
-    flip-averaged prediction is one program too (:meth:`flip_program`)."""
+    ``precision`` 'mixed_bfloat16' asks OpenVINO for bfloat16 inference (its CPU plugin then
+    rounds the normalizations too, which Keras' mixed policy keeps in float32: argmax agreement
+    with float32 99.85 % against Keras' 99.94 % on a 2 mm OASIS grid, the same benchmark Dice);
+    else float32. Programs are compiled for each input shape; flip-averaged prediction is one
+    program too (:meth:`flip_program`)."""
 
     def __init__(self, cfg, weights, precision='float32'):
         import openvino as ov
@@ -216,7 +217,6 @@ class OpenVINOUNet:
             scale, offset = next(norms)
             y = op.mvn(x, op.constant(np.array([2, 3, 4], np.int64)), True, _EPSILON,
                        'inside_sqrt')
-            self._keep_float32(y)
             return op.add(op.multiply(y, const(scale.reshape(1, -1, 1, 1, 1))),
                           const(offset.reshape(1, -1, 1, 1, 1)))
 
@@ -234,14 +234,7 @@ class OpenVINOUNet:
         y = conv(x, None)
         if cfg.final_activation == 'softmax':
             y = op.softmax(y, 1)
-        self._keep_float32(y)
         return y
-
-    @staticmethod
-    def _keep_float32(node):
-        """Keep ``node`` in float32 under bfloat16 inference (OpenVINO's marker for nodes that
-        precision conversion must leave alone)."""
-        node.get_rt_info()['disable_fp16_compression_0'] = ''
 
     def _run(self, key, build, x):
         """The program ``build(op, x)`` makes for ``key`` on ``x``: compiled for x's shape
