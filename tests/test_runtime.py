@@ -130,7 +130,8 @@ def test_runtime_choice_and_what_openvino_cannot_compute(tmp_path, monkeypatch):
 def test_weights_of_another_network_are_refused_in_one_line(tmp_path):
     path, card, _ = _net(tmp_path)
     other = dict(card, architecture=dict(card['architecture'], levels=4))
-    with pytest.raises(ValueError, match='no U-Net of the card.*in these weights .11 convolutions and 5 normalizations'):
+    with pytest.raises(ValueError, match=r'no U-Net of the card.*in these weights '
+                                         r'\(11 convolutions and 5 normalizations'):
         runtime.load_unet(path, other, runtime='openvino')
     wider = dict(card, architecture=dict(card['architecture'], features=8))
     with pytest.raises(ValueError, match='no U-Net of the card'):
