@@ -19,6 +19,8 @@ import threading
 
 import numpy as np
 
+from .nets import UNetConfig      # nets imports Keras only where it builds a network
+
 RUNTIMES = ('auto', 'keras', 'openvino')
 
 #: threads OpenVINO computes with (``--threads``: :func:`synthkit.cli.common.set_threads`)
@@ -70,6 +72,27 @@ def load_unet(weights, card, precision=None, runtime=None):
     :func:`synthkit.nets.load_unet` (Keras). ``precision``: as
     :func:`synthkit.backend.inference_precision` takes it (None: SYNTHKIT_PRECISION or 'auto';
     OpenVINO's 'auto' asks the CPU alone, without importing Keras to look for a GPU)."""
+    model = _openvino_unet(weights, card, precision, runtime)
+    if model is not None:
+        return model, model.cfg
+    from . import backend, nets
+    return nets.load_unet(weights, card, backend.inference_precision(precision))
+
+
+def load_part(weights, unet_architecture, norm_statistics, precision=None, runtime=None):
+    """The U-Net of ``unet_architecture`` (a model card's ``architecture`` entry for it, e.g. a
+    SynthSR hybrid's ``unet``) within ``weights`` as an :class:`OpenVINOUNet`, or None where
+    the Keras runtime is to compute it (as :func:`load_unet` decides).
+    ``norm_statistics``: the card's ``input.norm_statistics``."""
+    card = {'architecture': dict(unet_architecture, type='unet'),
+            'input': {'norm_statistics': norm_statistics}}
+    return _openvino_unet(weights, card, precision, runtime)
+
+
+def _openvino_unet(weights, card, precision, runtime):
+    """The card's U-Net on OpenVINO, or None where Keras is to compute it (SYNTHKIT_RUNTIME=keras;
+    'auto' where OpenVINO is not installed or cannot compute the network; 'openvino' raises
+    ``ValueError`` there)."""
     from . import backend
     name = choice(runtime)
     why = supported(card)
@@ -79,16 +102,10 @@ def load_unet(weights, card, precision=None, runtime=None):
         raise ValueError('SYNTHKIT_RUNTIME=openvino, but OpenVINO is not installed '
                          '(pip install openvino)')
     if name == 'keras' or why is not None or not openvino_available():
-        from . import nets
-        return nets.load_unet(weights, card, backend.inference_precision(precision))
-    cfg = _config(card)
+        return None
+    cfg = UNetConfig.from_dict(card['architecture'])
     precision = backend.inference_precision(precision, hardware=backend.bfloat16_cpu)
-    return OpenVINOUNet(cfg, read_weights(weights, cfg), precision), cfg
-
-
-def _config(card):
-    from .nets import UNetConfig     # a dataclass: nets imports Keras, so only its fields here
-    return UNetConfig.from_dict(card['architecture'])
+    return OpenVINOUNet(cfg, read_weights(weights, cfg), precision)
 
 
 def read_weights(path, cfg):
@@ -136,26 +153,6 @@ def _numbered(group, base):
     names = [k for k in group if k == base or
              (k.startswith(base + '_') and k[len(base) + 1:].isdigit())]
     return sorted(names, key=lambda k: -1 if k == base else int(k[len(base) + 1:]))
-
-
-def load_part(weights, unet_architecture, norm_statistics, precision=None, runtime=None):
-    """The U-Net of ``unet_architecture`` (a model card's ``architecture`` entry for it, e.g. a
-    SynthSR hybrid's ``unet``) within ``weights`` as an :class:`OpenVINOUNet`, or None where
-    the Keras runtime is to compute it (SYNTHKIT_RUNTIME=keras, OpenVINO not installed, or a
-    network it cannot compute). ``norm_statistics``: the card's ``input.norm_statistics``."""
-    from . import backend
-    card = {'architecture': dict(unet_architecture, type='unet'),
-            'input': {'norm_statistics': norm_statistics}}
-    name = choice(runtime)
-    why = supported(card)
-    if name == 'keras' or not openvino_available() or why is not None:
-        if name == 'openvino':
-            raise ValueError('SYNTHKIT_RUNTIME=openvino cannot compute this network: %s'
-                             % (why or 'OpenVINO is not installed'))
-        return None
-    cfg = _config(card)
-    precision = backend.inference_precision(precision, hardware=backend.bfloat16_cpu)
-    return OpenVINOUNet(cfg, read_weights(weights, cfg), precision)
 
 
 _ACTIVATIONS = ('elu', 'relu', 'linear')
@@ -291,8 +288,7 @@ class OpenVINOUNet:
         key = ('flip', int(axis), tuple(int(i) for i in out_perm),
                None if in_perm is None else tuple(int(i) for i in in_perm))
 
-        def mirror(x):
-            from openvino import opset13 as op
+        def mirror(op, x):
             i64 = np.int64
             return op.slice(x, op.constant(np.array([-1], i64)),
                             op.constant(np.array([np.iinfo(i64).min], i64)),
@@ -302,11 +298,11 @@ class OpenVINOUNet:
         def build(op, x):
             x = op.transpose(x, op.constant(np.array([0, 4, 1, 2, 3])))
             a = self._network(x)
-            m = mirror(x)
+            m = mirror(op, x)
             if in_perm is not None:
                 m = op.gather(m, op.constant(np.array(key[3], np.int64)),
                               op.constant(np.int64(1)))
-            b = mirror(self._network(m))
+            b = mirror(op, self._network(m))
             b = op.gather(b, op.constant(np.array(key[2], np.int64)), op.constant(np.int64(1)))
             y = op.multiply(op.add(a, b), op.constant(np.float32(0.5)))
             return op.transpose(y, op.constant(np.array([0, 2, 3, 4, 1])))

@@ -33,8 +33,8 @@ class RandomResolution(keras.layers.Layer):
     With probability ``anisotropic_prob`` one random axis gets a spacing from
     ``anisotropic_range`` (mm) and the others ``inplane_range`` (one draw for both; default
     ``(1, 1)``: 1 mm in plane; low-field scans are more like 1.5 x 1.5 x 5 mm); otherwise all
-    axes share one spacing from ``isotropic_range``. Thickness is U(``thickness_min_fraction`` * s, s). ``voxsize`` is the
-    input grid's voxel size (mm).
+    axes share one spacing from ``isotropic_range``. Thickness is
+    U(``thickness_min_fraction`` * s, s). ``voxsize`` is the input grid's voxel size (mm).
     """
 
     def __init__(self, isotropic_range=(1.0, 4.0), anisotropic_range=(1.0, 8.0),

@@ -58,7 +58,7 @@ class Synthesizer:
         self.precision = precision          # resolved by each runtime (synthkit.runtime)
         self.seg_model, self._pipeline = seg_model, None
         self.path, self.card = path, card
-        self._segmenter = None
+        self._keras_hybrid = None
         arch = card['architecture']
         #: the U-Net takes the image and SynthSeg's posteriors of it (the hybrid network)
         self.conditioned = arch['type'] == 'synthsr_hybrid'
@@ -80,21 +80,20 @@ class Synthesizer:
 
     def _hybrid(self):
         """The whole Keras hybrid network (its segmenter, and its U-Net where OpenVINO does
-        not compute it)."""
-        from ... import backend
-        from .task import load_hybrid
-        hybrid, _ = load_hybrid(self.path, self.card['architecture'],
-                                backend.inference_precision(self.precision))
-        return hybrid
+        not compute it), built and loaded once when first wanted."""
+        if self._keras_hybrid is None:
+            from ... import backend
+            from .task import load_hybrid
+            self._keras_hybrid, _ = load_hybrid(self.path, self.card['architecture'],
+                                                backend.inference_precision(self.precision))
+        return self._keras_hybrid
 
     @property
     def segmenter(self):
         """The hybrid's own 2 mm SynthSeg network (Keras; loaded when first wanted: with
         :attr:`refine` the SynthSeg pipeline gives the posteriors instead), or None for a
         network that takes the image alone."""
-        if self._segmenter is None and self.conditioned:
-            self._segmenter = self._hybrid().get_layer('frozen_synthseg')
-        return self._segmenter
+        return self._hybrid().get_layer('frozen_synthseg') if self.conditioned else None
 
     def pipeline(self):
         """The SynthSeg pipeline (:class:`Segmenter`) giving the refined posteriors."""
